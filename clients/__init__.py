@@ -1,0 +1,1 @@
+"""Python client library and command-line tools for the PagedServe GenerationService."""

@@ -1,0 +1,1 @@
+"""PagedServe's gRPC API: the protobuf and gRPC stubs generated from protos/pagedserve/**/*.proto."""
