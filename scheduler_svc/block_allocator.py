@@ -1,0 +1,94 @@
+"""A pool of physical KV blocks on one device, with reference counts and per-block fill."""
+
+from __future__ import annotations
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when a block is requested from an empty pool; callers check `num_free` first."""
+
+
+class BlockAllocator:
+    """Hands out block ids 0..num_blocks-1 of one device (GPU or CPU swap space).
+
+    A block is free exactly when its reference count is 0. Shared blocks (parallel sampling, beams,
+    copy-on-write) carry one reference per block-table entry that points at them. `fill[b]` counts the
+    token slots of block b that hold a token, so KV utilization is O(1) to report.
+    """
+
+    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "num_blocks", "ref_counts")
+
+    def __init__(self, device: str, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.device = device
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # A stack: popping hands out the lowest free ids first, which keeps runs readable in tests.
+        self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.ref_counts: list[int] = [0] * num_blocks
+        self.fill: list[int] = [0] * num_blocks
+        self.filled_slots = 0
+
+    @property
+    def num_free(self) -> int:
+        """Blocks with no reference."""
+        return len(self.free_ids)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks with at least one reference."""
+        return self.num_blocks - len(self.free_ids)
+
+    def allocate(self) -> int:
+        """Take a free block with one reference."""
+        if not self.free_ids:
+            raise OutOfBlocksError(f"no free {self.device} block (all {self.num_blocks} in use)")
+        block = self.free_ids.pop()
+        self.ref_counts[block] = 1
+        return block
+
+    def incref(self, block: int) -> None:
+        """Add a reference to a block already in use (sharing)."""
+        assert self.ref_counts[block] > 0, f"{self.device} block {block} is free"
+        self.ref_counts[block] += 1
+
+    def decref(self, block: int) -> None:
+        """Drop a reference; the block returns to the pool when the last one goes."""
+        count = self.ref_counts[block] - 1
+        assert count >= 0, f"{self.device} block {block} freed twice"
+        self.ref_counts[block] = count
+        if count == 0:
+            self.filled_slots -= self.fill[block]
+            self.fill[block] = 0
+            self.free_ids.append(block)
+
+    def set_fill(self, block: int, slots: int) -> None:
+        """Record that `slots` leading token slots of `block` hold tokens (never decreases it)."""
+        old = self.fill[block]
+        if slots > old:
+            self.fill[block] = slots
+            self.filled_slots += slots - old
+
+    def clear_fill(self, block: int) -> None:
+        """Mark a block as holding no token (a reserved block handed back unused)."""
+        self.filled_slots -= self.fill[block]
+        self.fill[block] = 0
+
+    def check_integrity(self, expected_refs: dict[int, int]) -> None:
+        """Assert the pool's invariants against the references block tables actually hold.
+
+        free + used = total; no free id twice; a block is free iff it has no reference; every
+        reference count equals the number of table entries pointing at the block; fill is in range.
+        """
+        free = set(self.free_ids)
+        assert len(free) == len(self.free_ids), f"{self.device}: a block id is free twice"
+        used = sum(1 for c in self.ref_counts if c > 0)
+        assert len(free) + used == self.num_blocks, (
+            f"{self.device}: free {len(free)} + used {used} != total {self.num_blocks}")
+        for block, count in enumerate(self.ref_counts):
+            want = expected_refs.get(block, 0)
+            assert count == want, f"{self.device} block {block}: ref count {count}, tables hold {want}"
+            assert (count == 0) == (block in free), f"{self.device} block {block}: free-list mismatch"
+            assert 0 <= self.fill[block] <= self.block_size, f"{self.device} block {block}: bad fill"
+            assert count > 0 or self.fill[block] == 0, f"{self.device} free block {block} has fill"
+        assert self.filled_slots == sum(self.fill), f"{self.device}: filled-slot total drifted"

@@ -1,0 +1,112 @@
+"""Sampling parameters of one request, validated once at admission."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from scheduler_svc.errors import InvalidArgumentError
+
+# Top-k logprobs a request may ask for; beam search asks the executor for 2 x width on its own.
+MAX_LOGPROBS = 20
+MAX_BEAM_WIDTH = 64
+MAX_BEST_OF = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to decode one request; the field names match `pagedserve.v1.SamplingParameters`.
+
+    `n` outputs are returned. With `best_of > n`, `best_of` sequences are sampled and the `n` with the
+    highest cumulative logprob are returned. With `beam_width > 0` the request runs beam search with
+    that many beams and returns the `n` best finished hypotheses by length-penalised score.
+    `top_k = 0` and `top_p = 1` disable those filters; `temperature = 0` is greedy.
+    `seed = None` lets the scheduler pick one at admission, so that a request's output stays the same
+    across preemption, swap and recomputation (DESIGN.md invariant 5).
+    """
+
+    n: int = 1
+    best_of: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    ignore_eos: bool = False
+    logprobs: int = 0
+    beam_width: int = 0
+    length_penalty: float = 1.0
+    priority: int = 0
+
+    # Derived once at construction (the scheduler reads them for every sequence every step).
+    num_sequences: int = field(init=False, repr=False, compare=False)
+    use_beam_search: bool = field(init=False, repr=False, compare=False)
+    streams_incrementally: bool = field(init=False, repr=False, compare=False)
+    num_top_logprobs_needed: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        beam = self.beam_width > 0
+        width = self.beam_width if beam else (self.best_of if self.best_of is not None else self.n)
+        derived = {
+            # How many sequences the request runs at once at its widest (best_of, or the beam width).
+            "num_sequences": width,
+            "use_beam_search": beam,
+            # Beam search and best_of > n only know which sequences they return once they finish.
+            "streams_incrementally": not beam and width == self.n,
+            # Top-k logprobs the executor returns per step: beam search needs 2 x width candidates.
+            "num_top_logprobs_needed": max(self.logprobs, 2 * self.beam_width),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise InvalidArgumentError(name, message)
+
+
+def _validate(p: SamplingParams) -> None:
+    """Check every field, raising InvalidArgumentError that names the first bad one."""
+    _require(p.n >= 1, "n", f"must be at least 1, got {p.n}")
+    if p.best_of is not None:
+        _require(p.best_of >= p.n, "best_of", f"must be at least n ({p.n}), got {p.best_of}")
+        _require(p.best_of <= MAX_BEST_OF, "best_of", f"must be at most {MAX_BEST_OF}, got {p.best_of}")
+    _require(p.n <= MAX_BEST_OF, "n", f"must be at most {MAX_BEST_OF}, got {p.n}")
+    _require(math.isfinite(p.temperature) and p.temperature >= 0.0, "temperature",
+             f"must be a finite number >= 0, got {p.temperature}")
+    _require(0.0 < p.top_p <= 1.0, "top_p", f"must be in (0, 1], got {p.top_p}")
+    _require(p.top_k >= 0, "top_k", f"must be >= 0 (0 disables it), got {p.top_k}")
+    _require(0.0 <= p.min_p <= 1.0, "min_p", f"must be in [0, 1], got {p.min_p}")
+    _require(math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0.0, "repetition_penalty",
+             f"must be > 0 (1 disables it), got {p.repetition_penalty}")
+    _require(-2.0 <= p.presence_penalty <= 2.0, "presence_penalty",
+             f"must be in [-2, 2], got {p.presence_penalty}")
+    _require(-2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty",
+             f"must be in [-2, 2], got {p.frequency_penalty}")
+    if p.seed is not None:
+        _require(0 <= p.seed < 2**63, "seed", f"must be in [0, 2^63), got {p.seed}")
+    _require(p.max_tokens >= 1, "max_tokens", f"must be at least 1, got {p.max_tokens}")
+    _require(0 <= p.min_tokens <= p.max_tokens, "min_tokens",
+             f"must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}")
+    _require(all(isinstance(s, str) and s for s in p.stop), "stop", "stop strings must be non-empty")
+    _require(all(t >= 0 for t in p.stop_token_ids), "stop_token_ids", "token ids must be >= 0")
+    _require(0 <= p.logprobs <= MAX_LOGPROBS, "logprobs",
+             f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
+    _require(0 <= p.beam_width <= MAX_BEAM_WIDTH, "beam_width",
+             f"must be in [0, {MAX_BEAM_WIDTH}], got {p.beam_width}")
+    _require(math.isfinite(p.length_penalty), "length_penalty", "must be a finite number")
+    if p.beam_width > 0:
+        _require(p.n <= p.beam_width, "n", f"must be at most beam_width ({p.beam_width}), got {p.n}")
+        _require(p.best_of is None, "best_of", "cannot be combined with beam search")
+        _require(p.temperature == 0.0 and p.top_p == 1.0 and p.top_k == 0 and p.min_p == 0.0,
+                 "temperature", "beam search is deterministic: leave temperature, top_p, top_k and "
+                 "min_p unset (temperature 0)")

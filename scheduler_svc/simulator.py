@@ -1,0 +1,194 @@
+"""A CPU executor that models KV memory at token level, to drive and check the scheduler without a GPU.
+
+Every KV slot holds the id of the token whose K/V it would hold. The simulator applies plans exactly as
+the real executor must (forks, swap out, swap in, copy, forward, forget), writes each computed token
+into its slot through the block table, and "attends" by reading the sequence's context back through
+the table: any block-table, copy-on-write or swap mistake shows up as a context that differs from the
+sequence's history. Sampled tokens are a hash of (seed, sample index, output index, context read), so
+they are reproducible across preemption exactly as invariant 5 demands of the real sampler.
+Used by the tests, `pagedserve simulate` and the scheduler benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_svc.outputs import RequestOutput
+from scheduler_svc.plan import (
+    Sample,
+    SequenceResult,
+    SequenceStart,
+    SequenceWork,
+    StepPlan,
+    StepResult,
+)
+
+_MASK = (1 << 64) - 1
+_EMPTY = -1
+
+
+class SimulationError(RuntimeError):
+    """The plan was malformed or the KV contents read back differ from what was written."""
+
+
+def _mix(x: int) -> int:
+    """splitmix64: a fast, well-spread 64-bit hash step."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+@dataclass(slots=True)
+class _SimSequence:
+    start: SequenceStart
+    sample_index: int
+    history: list[int] = field(default_factory=list)   # tokens whose K/V were written
+    table: list[int] = field(default_factory=list)
+
+
+class SimulatedExecutor:
+    """Executes step plans on token-level GPU and CPU pools (see the module docstring)."""
+
+    def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, vocab_size: int = 32000,
+                 eos_token_id: int | None = None, eos_probability: float = 0.0, verify: bool = True) -> None:
+        self.block_size = block_size
+        self.num_gpu_blocks = num_gpu_blocks
+        self.num_cpu_blocks = num_cpu_blocks
+        self.gpu = [_EMPTY] * (num_gpu_blocks * block_size)
+        self.cpu = [_EMPTY] * (num_cpu_blocks * block_size)
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self._eos_threshold = int(eos_probability * (1 << 32))
+        self.verify = verify
+        self.seqs: dict[int, _SimSequence] = {}
+        self.steps = 0
+        self.blocks_swapped = 0
+        self.blocks_copied = 0
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Apply one plan in the documented order and return its samples."""
+        self.steps += 1
+        for fork in plan.forks:
+            parent = self._seq(fork.parent_seq_id)
+            self.seqs[fork.child_seq_id] = _SimSequence(parent.start, fork.sample_index,
+                                                        parent.history.copy(), parent.table.copy())
+        self._move_blocks(plan.swap_out, self.gpu, self.num_gpu_blocks, self.cpu, self.num_cpu_blocks, True)
+        self._move_blocks(plan.swap_in, self.cpu, self.num_cpu_blocks, self.gpu, self.num_gpu_blocks, False)
+        self._move_blocks(plan.copy, self.gpu, self.num_gpu_blocks, self.gpu, self.num_gpu_blocks, False)
+        self.blocks_swapped += len(plan.swap_out) + len(plan.swap_in)
+        self.blocks_copied += len(plan.copy)
+        results = tuple(self._run(work) for work in plan.sequences)
+        for seq_id in plan.forget_seq_ids:
+            if self.seqs.pop(seq_id, None) is None:
+                raise SimulationError(f"forget: unknown sequence {seq_id}")
+        return StepResult(step_id=plan.step_id, sequences=tuple(r for r in results if r.samples))
+
+    def _seq(self, seq_id: int) -> _SimSequence:
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            raise SimulationError(f"unknown sequence {seq_id}")
+        return seq
+
+    def _move_blocks(self, pairs: list[tuple[int, int]], src: list[int], src_blocks: int, dst: list[int],
+                     dst_blocks: int, poison_src: bool) -> None:
+        bs = self.block_size
+        for s, d in pairs:
+            if not (0 <= s < src_blocks and 0 <= d < dst_blocks):
+                raise SimulationError(f"block pair ({s}, {d}) out of range")
+            dst[d * bs:(d + 1) * bs] = src[s * bs:(s + 1) * bs]
+            if poison_src:       # a swapped-out GPU block is free: nothing may read it any more
+                src[s * bs:(s + 1) * bs] = [_EMPTY] * bs
+
+    def _run(self, work: SequenceWork) -> SequenceResult:
+        if work.start is not None:
+            seq = self.seqs[work.seq_id] = _SimSequence(work.start, work.start.sample_index)
+        else:
+            seq = self._seq(work.seq_id)
+        if work.block_table_start > len(seq.table):
+            raise SimulationError(f"seq {work.seq_id}: table update at {work.block_table_start} "
+                                  f"past its end {len(seq.table)}")
+        seq.table[work.block_table_start:] = work.block_ids
+        if work.start_position != len(seq.history):
+            raise SimulationError(f"seq {work.seq_id}: computes from position {work.start_position} "
+                                  f"but {len(seq.history)} tokens are cached")
+        bs = self.block_size
+        table = seq.table
+        for i, token in enumerate(work.token_ids):
+            position = work.start_position + i
+            index = position // bs
+            if index >= len(table) or not 0 <= table[index] < self.num_gpu_blocks:
+                raise SimulationError(f"seq {work.seq_id}: no valid block for position {position}")
+            self.gpu[table[index] * bs + position % bs] = token
+        seq.history.extend(work.token_ids)
+        if not work.num_samples:
+            return SequenceResult(work.seq_id, ())
+        context_hash = self._read_context(work.seq_id, seq)
+        samples = tuple(self._sample(seq, seq.sample_index + j, context_hash, work.num_logprobs)
+                        for j in range(work.num_samples))
+        return SequenceResult(work.seq_id, samples)
+
+    def _read_context(self, seq_id: int, seq: _SimSequence) -> int:
+        """Read the context back through the block table (fully when verifying) and hash its tail."""
+        bs = self.block_size
+        gpu, table = self.gpu, seq.table
+        n = len(seq.history)
+        first = 0 if self.verify else max(0, n - 4)
+        read = [gpu[table[p // bs] * bs + p % bs] for p in range(first, n)]
+        if read != seq.history[first:]:
+            bad = next(i for i, (a, b) in enumerate(zip(read, seq.history[first:], strict=True)) if a != b)
+            raise SimulationError(f"seq {seq_id}: KV slot for position {first + bad} holds token "
+                                  f"{read[bad]}, expected {seq.history[first + bad]}")
+        h = 0
+        for token in read[-4:]:
+            h = _mix(h ^ (token & _MASK))
+        return h
+
+    def _sample(self, seq: _SimSequence, stream: int, context_hash: int, num_logprobs: int) -> Sample:
+        start = seq.start
+        output_index = len(seq.history) - start.num_prompt_tokens
+        h = _mix(context_hash ^ _mix(start.seed ^ _mix(stream ^ _mix(output_index))))
+        suppress = start.suppressed_token_ids if output_index < start.min_tokens else ()
+        token = h % self.vocab_size
+        if (self.eos_token_id is not None and (h >> 32) < self._eos_threshold
+                and self.eos_token_id not in suppress):
+            token = self.eos_token_id
+        while token in suppress:
+            token = (token + 1) % self.vocab_size
+        logprob = -((h >> 40) % 1000) / 500.0 - 0.01
+        candidates = [(token, logprob)]
+        seen = {token}
+        x, lp = h, logprob
+        while len(candidates) < num_logprobs:
+            x = _mix(x)
+            alt = x % self.vocab_size
+            if alt in seen or alt in suppress:
+                continue
+            seen.add(alt)
+            lp -= ((x >> 40) % 1000) / 1000.0 + 0.001
+            candidates.append((alt, lp))
+        return Sample(token, logprob, tuple(candidates[:num_logprobs]))
+
+
+@dataclass(slots=True)
+class FinishedRequest:
+    """A request's whole output, assembled from its streamed reports."""
+
+    request_id: str
+    token_ids: dict[int, list[int]] = field(default_factory=dict)      # output index -> tokens
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    error: str | None = None
+    finished: bool = False
+
+
+def collect(outputs: list[RequestOutput], into: dict[str, FinishedRequest]) -> None:
+    """Fold streamed reports into whole outputs; asserts one terminal report per request."""
+    for out in outputs:
+        done = into.setdefault(out.request_id, FinishedRequest(out.request_id))
+        assert not done.finished, f"{out.request_id}: report after its terminal report"
+        for c in out.outputs:
+            done.token_ids.setdefault(c.index, []).extend(c.token_ids)
+            if c.finish_reason is not None:
+                done.finish_reasons[c.index] = c.finish_reason.value
+        done.error = out.error
+        done.finished = out.finished
