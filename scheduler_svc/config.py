@@ -48,8 +48,11 @@ class ReservationMode(enum.Enum):
 class SchedulerConfig:
     """Scheduling policy and budgets. Block counts come from the executors at startup, not from here.
 
-    `max_model_len = None` takes the model's limit from the executors. Without chunked prefill a whole
-    prompt must fit in one step, so `max_num_batched_tokens` must be at least `max_model_len`.
+    `max_num_batched_tokens` caps the prompt (prefill and recomputation) tokens of one step; every
+    running sequence adds its one decode token on top, so a step computes at most
+    max_num_batched_tokens + max_num_seqs tokens. Without chunked prefill a whole prompt must fit in
+    one step, so it must be at least `max_model_len`. `max_model_len = None` takes the model's limit
+    from the executors.
     """
 
     block_size: int = 16
@@ -68,9 +71,8 @@ class SchedulerConfig:
         _check(0 < self.block_size <= MAX_BLOCK_SIZE and self.block_size & (self.block_size - 1) == 0,
                "block_size", f"must be a power of two up to {MAX_BLOCK_SIZE}, got {self.block_size}")
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be at least 1, got {self.max_num_seqs}")
-        _check(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
-               f"must be at least max_num_seqs ({self.max_num_seqs}) so every running sequence can "
-               f"decode each step, got {self.max_num_batched_tokens}")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+               f"must be at least 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None:
             _check(self.max_model_len >= 2, "max_model_len", f"must be at least 2, got {self.max_model_len}")
             self.check_model_len(self.max_model_len)

@@ -24,7 +24,6 @@ from scheduler_svc.sequence import FinishReason, Sequence, SequenceGroup, Sequen
 from scheduler_svc.stats import SchedulerStats
 from scheduler_svc.stop_checker import check_stop
 
-
 _SeqSamples = tuple[Sequence, tuple[Sample, ...]]
 
 

@@ -25,6 +25,7 @@ from scheduler_svc.plan import (
 
 _MASK = (1 << 64) - 1
 _EMPTY = -1
+_CONTEXT_WINDOW = 4      # the sample depends on the last few tokens read back from the cache
 
 
 class SimulationError(RuntimeError):
@@ -123,31 +124,39 @@ class SimulatedExecutor:
         seq.history.extend(work.token_ids)
         if not work.num_samples:
             return SequenceResult(work.seq_id, ())
-        context_hash = self._read_context(work.seq_id, seq)
-        samples = tuple(self._sample(seq, seq.sample_index + j, context_hash, work.num_logprobs)
+        context = self._read_context(work.seq_id, seq)
+        samples = tuple(self._sample(seq, seq.sample_index + j, context, work.num_logprobs)
                         for j in range(work.num_samples))
         return SequenceResult(work.seq_id, samples)
 
-    def _read_context(self, seq_id: int, seq: _SimSequence) -> int:
-        """Read the context back through the block table (fully when verifying) and hash its tail."""
+    def _read_context(self, seq_id: int, seq: _SimSequence) -> list[int]:
+        """Read the context back through the block table (all of it when verifying, else its tail)."""
         bs = self.block_size
         gpu, table = self.gpu, seq.table
         n = len(seq.history)
-        first = 0 if self.verify else max(0, n - 4)
+        first = 0 if self.verify else max(0, n - _CONTEXT_WINDOW)
         read = [gpu[table[p // bs] * bs + p % bs] for p in range(first, n)]
         if read != seq.history[first:]:
             bad = next(i for i, (a, b) in enumerate(zip(read, seq.history[first:], strict=True)) if a != b)
             raise SimulationError(f"seq {seq_id}: KV slot for position {first + bad} holds token "
                                   f"{read[bad]}, expected {seq.history[first + bad]}")
-        h = 0
-        for token in read[-4:]:
-            h = _mix(h ^ (token & _MASK))
-        return h
+        return read
 
-    def _sample(self, seq: _SimSequence, stream: int, context_hash: int, num_logprobs: int) -> Sample:
-        start = seq.start
-        output_index = len(seq.history) - start.num_prompt_tokens
-        h = _mix(context_hash ^ _mix(start.seed ^ _mix(stream ^ _mix(output_index))))
+    def _sample(self, seq: _SimSequence, stream: int, context: list[int], num_logprobs: int) -> Sample:
+        return self.next_token(context, len(seq.history), seq.start, stream, num_logprobs)
+
+    def next_token(self, context: list[int], num_tokens: int, start: SequenceStart, stream: int,
+                   num_logprobs: int) -> Sample:
+        """The sample for a sequence of `num_tokens` tokens ending in `context` (its tail suffices).
+
+        Top-1 of `top_logprobs` is the sampled token, as in greedy decoding; the rest are distinct
+        alternatives with lower logprobs. Public so tests can compute expected outputs without paging.
+        """
+        output_index = num_tokens - start.num_prompt_tokens
+        h = 0
+        for token in context[-_CONTEXT_WINDOW:]:
+            h = _mix(h ^ (token & _MASK))
+        h = _mix(h ^ _mix(start.seed ^ _mix(stream ^ _mix(output_index))))
         suppress = start.suppressed_token_ids if output_index < start.min_tokens else ()
         token = h % self.vocab_size
         if (self.eos_token_id is not None and (h >> 32) < self._eos_threshold
@@ -168,7 +177,6 @@ class SimulatedExecutor:
             lp -= ((x >> 40) % 1000) / 1000.0 + 0.001
             candidates.append((alt, lp))
         return Sample(token, logprob, tuple(candidates[:num_logprobs]))
-
 
 @dataclass(slots=True)
 class FinishedRequest:

@@ -12,7 +12,7 @@ from scheduler_svc.errors import InvalidArgumentError
     ({"block_size": 12}, "block_size"),
     ({"block_size": 512}, "block_size"),
     ({"max_num_seqs": 0}, "max_num_seqs"),
-    ({"max_num_seqs": 64, "max_num_batched_tokens": 32}, "max_num_batched_tokens"),
+    ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
     ({"max_model_len": 16384}, "max_num_batched_tokens"),
     ({"watermark": 0.7}, "watermark"),
     ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization"),
