@@ -119,7 +119,7 @@ def test_the_latest_arrival_is_preempted_and_recomputed_with_its_generated_token
         plan = s.schedule()
     (work,) = [w for w in plan.sequences if w.seq_id == second.seqs[0].seq_id]
     assert work.start_position == 0 and work.start is not None
-    assert work.token_ids == prompt(8) + [7]            # prompt plus the token it had generated
+    assert work.token_ids == [*prompt(8), 7]          # prompt plus the token it had generated
 
 
 def test_multi_sequence_groups_are_swapped_whole_and_come_back_before_waiting_ones():
@@ -139,7 +139,8 @@ def test_multi_sequence_groups_are_swapped_whole_and_come_back_before_waiting_on
             assert pair.status is SequenceStatus.SWAPPED
             assert all(seq.status is SequenceStatus.SWAPPED for seq in pair.seqs)
             assert s.stats().num_preemptions_swap == 1
-        if swapped_at is not None and s.groups.get("pair") and s.groups["pair"].status is SequenceStatus.SWAPPED:
+        pair = s.groups.get("pair")
+        if pair is not None and pair.status is SequenceStatus.SWAPPED:
             assert "late" not in running_ids(s)          # nothing waiting is admitted past a swapped group
     assert swapped_at is not None
 

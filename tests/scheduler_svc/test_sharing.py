@@ -93,9 +93,9 @@ def reference_beam_search(h: Harness, prompt, width, n, max_tokens, length_penal
         for rank, (cum, out, token) in enumerate(candidates):
             if token == EOS:
                 if rank < width:
-                    hyps.append((beam_score(cum, len(out), length_penalty), out + [token]))
+                    hyps.append((beam_score(cum, len(out), length_penalty), [*out, token]))
                 continue
-            new.append((out + [token], cum))
+            new.append(([*out, token], cum))
             if len(new) == width:
                 break
         if step + 1 >= max_tokens:
