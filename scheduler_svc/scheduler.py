@@ -477,7 +477,7 @@ class Scheduler:
             self._finish_seq(seq, reason, None)
             closing.append(self._closing_output(seq))
         group.error = error
-        self._complete_group(group, closing)
+        self._complete_group(group, closing, reason)
 
     def _fail(self, group: SequenceGroup, message: str) -> None:
         self._end_group(group, FinishReason.ERROR, message)
@@ -487,17 +487,23 @@ class Scheduler:
         return CompletionOutput(index=seq.sample_index, token_ids=[], finish_reason=seq.finish_reason,
                                 stop_reason=seq.stop_reason, cumulative_logprob=seq.cumulative_logprob)
 
-    def _complete_group(self, group: SequenceGroup, streamed: list[CompletionOutput]) -> None:
+    def _complete_group(self, group: SequenceGroup, streamed: list[CompletionOutput],
+                        ended_by: FinishReason | None = None) -> None:
         """Release what the group still holds and send its one terminal report.
 
         Streaming requests end with this step's last deltas (`streamed`); beam search and best_of > n
-        send their chosen outputs whole.
+        send their chosen outputs whole, every one marked `ended_by` when an abort or a failure cut
+        the request short.
         """
         self.block_manager.free_group(group)
         group.status = SequenceStatus.FINISHED
         del self.groups[group.request_id]
         self.num_finished += 1
-        outputs = streamed if group.params.streams_incrementally else self._chosen_outputs(group)
+        outputs = streamed
+        if not group.params.streams_incrementally:
+            outputs = self._chosen_outputs(group)
+            for output in outputs if ended_by is not None else ():
+                output.finish_reason, output.stop_reason = ended_by, None
         self._report(group, outputs, finished=True)
 
     @staticmethod
