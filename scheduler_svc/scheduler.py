@@ -355,8 +355,9 @@ class Scheduler:
                 f"step {plan.step_id}: the result names sequences the plan did not sample")
         self._in_flight = None
         touched: dict[SequenceGroup, list[_SeqSamples]] = {}
+        finished = SequenceStatus.FINISHED
         for work, seq in zip(plan.sequences, self._in_flight_seqs, strict=True):
-            if seq.is_finished:      # aborted while the step ran
+            if seq.status is finished:      # aborted while the step ran
                 continue
             seq.num_computed_tokens += len(work.token_ids)
             if work.num_samples:
@@ -382,7 +383,7 @@ class Scheduler:
         else:
             for seq, samples in items:
                 self._append(seq, samples[0], report)
-        if not group.unfinished_seqs():
+        if not group.num_unfinished:
             self._complete_group(group, report)
         elif group.params.streams_incrementally:
             self._report(group, report, finished=False)
@@ -450,6 +451,7 @@ class Scheduler:
     def _new_sequence(self, group: SequenceGroup, token_ids: list[int], sample_index: int) -> Sequence:
         seq = Sequence(self._next_seq_id, group, token_ids, group.prompt_len, sample_index)
         self._next_seq_id += 1
+        group.num_unfinished += 1
         return seq
 
     def _finish_seq(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None) -> None:
@@ -459,6 +461,7 @@ class Scheduler:
             self._pending_forget.append(seq.seq_id)
         seq.executor_table_len = -1
         seq.status = SequenceStatus.FINISHED
+        seq.group.num_unfinished -= 1
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
 
@@ -551,6 +554,8 @@ class Scheduler:
             keys = [g.sort_key for g in queue]
             assert keys == sorted(keys), f"{status.value} queue out of order"
         assert sum(len(q) for q in queues.values()) == len(live), "a live group is in no queue, or in two"
+        for group in live:
+            assert group.num_unfinished == len(group.unfinished_seqs()), f"{group.request_id}: count drifted"
 
 
 def _sort_key(group: SequenceGroup) -> tuple[int, int]:

@@ -121,16 +121,14 @@ class SequenceGroup:
     pending_copies: list[tuple[int, int]] = field(default_factory=list)
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    num_unfinished: int = 0          # kept by the scheduler as sequences are added and finish
+    prompt_len: int = field(init=False)
+    sort_key: tuple[int, int] = field(init=False)
 
-    @property
-    def sort_key(self) -> tuple[int, int]:
-        """Scheduling order: lower priority value first, then first come, first served."""
-        return (self.params.priority, self.arrival_index)
-
-    @property
-    def prompt_len(self) -> int:
-        """Tokens in the prompt."""
-        return len(self.prompt_token_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_token_ids)
+        # Scheduling order: lower priority value first, then first come, first served.
+        self.sort_key = (self.params.priority, self.arrival_index)
 
     def unfinished_seqs(self) -> list[Sequence]:
         """Sequences still generating."""

@@ -1,0 +1,107 @@
+"""`pagedserve simulate`: the scheduler on a synthetic trace against the simulated executor, no GPU.
+
+By default it runs the same trace under PagedAttention and the three contiguous-reservation
+baselines and prints the paper's memory comparison (batched requests, KV utilization).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from clients.progress import Progress
+from clients.tables import markdown_table
+from clients.traces import TRACES, TraceRequest, fixed_trace, prompt_token_ids, with_sharing
+from scheduler_svc.config import ReservationMode, SchedulerConfig
+from scheduler_svc.errors import InvalidArgumentError
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.simulation import SimulatedRequest, SimulationReport, simulate
+
+VOCAB_SIZE = 32000
+COLUMNS = [("reservation", "mode"), ("mean_batched_requests", "batched requests"),
+           ("mean_kv_utilization", "KV utilization"), ("mean_gpu_usage", "GPU blocks used"),
+           ("preemptions_recompute", "recomputes"), ("preemptions_swap", "swaps"),
+           ("blocks_copied", "CoW copies"), ("steps", "steps"), ("generated_tokens", "tokens"),
+           ("num_failed", "failed"), ("median_schedule_ms", "schedule ms (median)")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Workload and pool flags (scheduling flags come from SchedulerConfig)."""
+    parser.add_argument("--trace", choices=[*TRACES, "fixed"], default="sharegpt",
+                        help="synthetic workload shape (default sharegpt: 161 in / 338 out on average)")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--prompt-len", type=int, default=128, help="with --trace fixed")
+    parser.add_argument("--output-len", type=int, default=128, help="with --trace fixed")
+    parser.add_argument("--n", type=int, default=1, help="parallel samples per request")
+    parser.add_argument("--beam-width", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-tokens", type=int, default=16384, help="GPU KV capacity in tokens")
+    parser.add_argument("--cpu-kv-tokens", type=int, default=16384, help="CPU swap capacity in tokens")
+    parser.add_argument("--model-len", type=int, default=2048, help="the model's maximum context")
+    parser.add_argument("--modes", default="all",
+                        help="comma-separated reservation modes to compare, or 'all' (default), "
+                             "or 'config' for just the --reservation one")
+    parser.add_argument("--check", action="store_true",
+                        help="verify KV contents and block accounting every step (slower)")
+    parser.add_argument("--json", type=Path, help="also write the reports as JSON here")
+    SchedulerConfig.add_arguments(parser)
+
+
+def build_requests(args: argparse.Namespace) -> list[SimulatedRequest]:
+    """The trace as prompts and sampling parameters (ignore_eos, so lengths are exact)."""
+    if args.trace == "fixed":
+        trace: list[TraceRequest] = fixed_trace(args.num_requests, args.prompt_len, args.output_len)
+    else:
+        trace = TRACES[args.trace](args.num_requests, seed=args.seed)
+    trace = with_sharing(trace, n=args.n, beam_width=args.beam_width)
+    requests = []
+    for i, r in enumerate(trace):
+        prompt_len = min(r.prompt_len, args.model_len - 1)
+        output_len = max(1, min(r.output_len, args.model_len - prompt_len))
+        params = SamplingParams(n=r.n, max_tokens=output_len, ignore_eos=True, seed=args.seed + i,
+                                beam_width=r.beam_width, temperature=0.0 if r.beam_width else 1.0)
+        requests.append(SimulatedRequest(prompt_token_ids(i, prompt_len, VOCAB_SIZE, args.seed), params))
+    return requests
+
+
+def _modes(args: argparse.Namespace, config: SchedulerConfig) -> list[ReservationMode]:
+    if args.modes == "all":
+        return list(ReservationMode)
+    if args.modes == "config":
+        return [config.reservation]
+    try:
+        return [ReservationMode(m.strip()) for m in args.modes.split(",")]
+    except ValueError:
+        raise InvalidArgumentError("modes", f"unknown mode in {args.modes!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the simulations and print one markdown table row per reservation mode."""
+    base = SchedulerConfig.from_sources(args)
+    if base.max_model_len is None:
+        base = dataclasses.replace(base, max_model_len=args.model_len)
+    if not base.enable_chunked_prefill and base.max_num_batched_tokens < base.max_model_len:
+        base = dataclasses.replace(base, max_num_batched_tokens=base.max_model_len)
+    requests = build_requests(args)
+    num_gpu_blocks = args.kv_tokens // base.block_size
+    num_cpu_blocks = args.cpu_kv_tokens // base.block_size
+    print(f"{len(requests)} {args.trace} requests (n={args.n}, beam width={args.beam_width}), "
+          f"{num_gpu_blocks} GPU blocks of {base.block_size} tokens, max_num_seqs={base.max_num_seqs}",
+          file=sys.stderr)
+    reports: list[SimulationReport] = []
+    for mode in _modes(args, base):
+        config = dataclasses.replace(base, reservation=mode)
+        progress = Progress(f"simulate {mode.value}", len(requests))
+        report = simulate(config, requests, num_gpu_blocks, num_cpu_blocks, base.max_model_len,
+                          VOCAB_SIZE, on_step=lambda _, finished, p=progress: p.update(finished),
+                          check_integrity=args.check)
+        progress.close(f"{report.steps} steps")
+        reports.append(report)
+    print(markdown_table([title for _, title in COLUMNS],
+                         [[getattr(r, name) for name, _ in COLUMNS] for r in reports]))
+    if args.json is not None:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2) + "\n")
+    return 0
