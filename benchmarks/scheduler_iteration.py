@@ -61,7 +61,8 @@ def measure(num_seqs: int, context: int, block_size: int, iterations: int) -> di
 
 def main() -> int:
     """Run the measurement and print a table (and JSON if asked)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--block-size", type=int, default=16)
@@ -69,7 +70,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="independent runs; the best median counts")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    runs = [measure(args.num_seqs, args.context, args.block_size, args.iterations) for _ in range(args.repeats)]
+    runs = [measure(args.num_seqs, args.context, args.block_size, args.iterations)
+            for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r["iteration_ms"])
     print(markdown_table(["run", "schedule() ms", "process_result() ms", "iteration ms"],
                          [[i + 1, r["schedule_ms"], r["process_result_ms"], r["iteration_ms"]]
