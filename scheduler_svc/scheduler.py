@@ -237,6 +237,10 @@ class Scheduler:
         prompt (or recomputation) is charged, and cut into a chunk when the budget is short unless
         `whole` (no chunked prefill: a new prompt runs whole, the first of a step even over budget).
         """
+        # Beams must sample in the same step: unless every recomputed beam completes its prompt now,
+        # each stops one token short and they all sample together once only that token is left.
+        hold_back = (group.params.use_beam_search and not whole
+                     and self._prefill_tokens(group) > budget.prompt_tokens_left)
         num_running = 0
         for seq in group.seqs:
             if seq.status is not SequenceStatus.RUNNING:
@@ -244,9 +248,11 @@ class Scheduler:
             num_running += 1
             remaining = len(seq.token_ids) - seq.num_computed_tokens
             if remaining == 1:
+                if hold_back:
+                    continue
                 chunk = 1
             else:
-                chunk = remaining if whole else min(remaining, budget.prompt_tokens_left)
+                chunk = remaining if whole else min(remaining - hold_back, budget.prompt_tokens_left)
                 if chunk <= 0:
                     continue
                 budget.prompt_tokens_left -= chunk
@@ -258,6 +264,16 @@ class Scheduler:
                 num_samples = 1
             self._emit(plan, seq, chunk, num_samples)
         return num_running
+
+    @staticmethod
+    def _prefill_tokens(group: SequenceGroup) -> int:
+        """Prompt tokens the group's running sequences still have to compute (decodes excluded)."""
+        total = 0
+        for seq in group.seqs:
+            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            if seq.status is SequenceStatus.RUNNING and remaining > 1:
+                total += remaining
+        return total
 
     def _emit(self, plan: StepPlan, seq: Sequence, num_tokens: int, num_samples: int) -> None:
         """Add one sequence's work to the plan, sending only the block-table entries the executor lacks."""
@@ -321,8 +337,9 @@ class Scheduler:
         for seq in seqs:
             seq.status = SequenceStatus.WAITING
             seq.num_computed_tokens = 0
+            if seq.executor_table_len >= 0:      # a budget-starved chunk may never have been sent
+                plan.forget_seq_ids.append(seq.seq_id)
             seq.executor_table_len = -1
-            plan.forget_seq_ids.append(seq.seq_id)
         bisect.insort(self.waiting, group, key=_sort_key)
 
     def _too_big_message(self, group: SequenceGroup) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from conftest import Harness
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from scheduler_svc.config import PreemptionPolicy, ReservationMode
@@ -95,8 +95,28 @@ def run(config: dict, specs: list[RequestSpec], aborts: bool, eos_probability: f
     return h, aborted
 
 
+def spec(arrival: int, prompt: tuple[int, ...], **params: object) -> RequestSpec:
+    return RequestSpec(arrival, prompt, SamplingParams(**params), None)
+
+
+# Found by longer runs: chunked prefill under a tiny budget after recomputation.
+TINY_CHUNKS = {"block_size": 1, "num_gpu_blocks": 36, "num_cpu_blocks": 0,
+               "preemption_mode": PreemptionPolicy.AUTO, "reservation": ReservationMode.PAGED,
+               "enable_chunked_prefill": True, "max_num_batched_tokens": 4, "max_num_seqs": 5,
+               "watermark": 0.0}
+NEVER_SENT_THEN_PREEMPTED = (TINY_CHUNKS, [
+    spec(0, (3,), seed=0, max_tokens=1), spec(0, (4,), seed=0, max_tokens=19),
+    spec(3, (3,), seed=0, max_tokens=20, ignore_eos=True), spec(5, (3,), seed=29, max_tokens=11),
+    spec(11, (3,), n=2, seed=0, max_tokens=3)])
+BEAMS_OUT_OF_STEP = (dict(TINY_CHUNKS, num_gpu_blocks=16, max_num_seqs=3), [
+    spec(0, (3,), seed=0, max_tokens=1), spec(0, (3,) * 10, seed=0, max_tokens=3),
+    spec(0, (3,), seed=0, max_tokens=3, beam_width=2, temperature=0.0)])
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
+@example(NEVER_SENT_THEN_PREEMPTED)
+@example(BEAMS_OUT_OF_STEP)
 def test_random_workloads_keep_every_invariant_and_reproduce_unconstrained_outputs(workload):
     config, specs = workload
     constrained, aborted = run(config, specs, aborts=True)
