@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import enum
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
+from scheduler_svc.config_sources import add_config_arguments, config_from_sources
 from scheduler_svc.errors import InvalidArgumentError
 
 ENV_PREFIX = "PAGEDSERVE_"
@@ -91,55 +89,15 @@ class SchedulerConfig:
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add one `--flag` per field; each defaults to `PAGEDSERVE_<FIELD>` from the environment."""
-        group = parser.add_argument_group("scheduling")
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                   help=f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default})")
-            else:
-                group.add_argument(flag, default=None,
-                                   help=f"(env {ENV_PREFIX}{f.name.upper()}; default {_show(f.default)})")
+        add_config_arguments(parser, cls, ENV_PREFIX, "scheduling")
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace | None = None,
                      environ: Mapping[str, str] | None = None) -> SchedulerConfig:
         """Build the config: a CLI flag wins over `PAGEDSERVE_*` environment, which wins over defaults."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = getattr(args, f.name, None) if args is not None else None
-            if raw is None:
-                raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _parse(f.name, raw, f.default)
-        return cls(**values)
+        return config_from_sources(cls, args, environ, ENV_PREFIX, int_fields=("max_model_len",))
 
 
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise InvalidArgumentError(name, message)
-
-
-def _show(value: object) -> str:
-    return value.value if isinstance(value, enum.Enum) else str(value)
-
-
-def _parse(name: str, raw: object, default: object) -> object:
-    """Convert a flag or environment string to the type of the field's default."""
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if isinstance(default, enum.Enum):
-            return type(default)(raw.lower())
-        if isinstance(default, bool):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if isinstance(default, int) or (default is None and name == "max_model_len"):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-    except ValueError:
-        raise InvalidArgumentError(name, f"cannot parse {raw!r}") from None
-    return raw
