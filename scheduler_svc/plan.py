@@ -11,6 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class MalformedPlanError(ValueError):
+    """A plan names an unknown sequence, a block out of range, or positions that do not line up.
+
+    Executors check a whole plan before applying any of it, reject it with this error, and keep
+    serving with their state unchanged.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class SequenceStart:
     """What the executor needs when it meets a sequence id for the first time.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from scheduler_svc.outputs import RequestOutput
 from scheduler_svc.plan import (
+    MalformedPlanError,
     Sample,
     SequenceResult,
     SequenceStart,
@@ -28,8 +29,8 @@ _EMPTY = -1
 _CONTEXT_WINDOW = 4      # the sample depends on the last few tokens read back from the cache
 
 
-class SimulationError(RuntimeError):
-    """The plan was malformed or the KV contents read back differ from what was written."""
+class SimulationError(MalformedPlanError):
+    """The plan was malformed, or the KV contents read back differ from what was written."""
 
 
 def _mix(x: int) -> int:
@@ -68,35 +69,70 @@ class SimulatedExecutor:
         self.blocks_copied = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
-        """Apply one plan in the documented order and return its samples."""
+        """Check the whole plan, then apply it in the documented order and return its samples."""
+        self.validate(plan)
         self.steps += 1
         for fork in plan.forks:
-            parent = self._seq(fork.parent_seq_id)
+            parent = self.seqs[fork.parent_seq_id]
             self.seqs[fork.child_seq_id] = _SimSequence(parent.start, fork.sample_index,
                                                         parent.history.copy(), parent.table.copy())
-        self._move_blocks(plan.swap_out, self.gpu, self.num_gpu_blocks, self.cpu, self.num_cpu_blocks, True)
-        self._move_blocks(plan.swap_in, self.cpu, self.num_cpu_blocks, self.gpu, self.num_gpu_blocks, False)
-        self._move_blocks(plan.copy, self.gpu, self.num_gpu_blocks, self.gpu, self.num_gpu_blocks, False)
+        self._move_blocks(plan.swap_out, self.gpu, self.cpu, poison_src=True)
+        self._move_blocks(plan.swap_in, self.cpu, self.gpu, poison_src=False)
+        self._move_blocks(plan.copy, self.gpu, self.gpu, poison_src=False)
         self.blocks_swapped += len(plan.swap_out) + len(plan.swap_in)
         self.blocks_copied += len(plan.copy)
         results = tuple(self._run(work) for work in plan.sequences)
         for seq_id in plan.forget_seq_ids:
-            if self.seqs.pop(seq_id, None) is None:
-                raise SimulationError(f"forget: unknown sequence {seq_id}")
+            del self.seqs[seq_id]
         return StepResult(step_id=plan.step_id, sequences=tuple(r for r in results if r.samples))
 
-    def _seq(self, seq_id: int) -> _SimSequence:
-        seq = self.seqs.get(seq_id)
-        if seq is None:
-            raise SimulationError(f"unknown sequence {seq_id}")
-        return seq
+    def validate(self, plan: StepPlan) -> None:
+        """Raise SimulationError if any part of the plan is malformed; changes nothing."""
+        lengths = {seq_id: (len(s.history), len(s.table)) for seq_id, s in self.seqs.items()}
+        for fork in plan.forks:
+            if fork.parent_seq_id not in lengths:
+                raise SimulationError(f"fork: unknown parent sequence {fork.parent_seq_id}")
+            lengths[fork.child_seq_id] = lengths[fork.parent_seq_id]
+        for name, pairs, src_blocks, dst_blocks in (
+                ("swap_out", plan.swap_out, self.num_gpu_blocks, self.num_cpu_blocks),
+                ("swap_in", plan.swap_in, self.num_cpu_blocks, self.num_gpu_blocks),
+                ("copy", plan.copy, self.num_gpu_blocks, self.num_gpu_blocks)):
+            for src, dst in pairs:
+                if not (0 <= src < src_blocks and 0 <= dst < dst_blocks):
+                    raise SimulationError(f"{name}: block pair ({src}, {dst}) out of range")
+        for work in plan.sequences:
+            self._validate_work(work, lengths)
+        for seq_id in plan.forget_seq_ids:
+            if seq_id not in lengths:
+                raise SimulationError(f"forget: unknown sequence {seq_id}")
 
-    def _move_blocks(self, pairs: list[tuple[int, int]], src: list[int], src_blocks: int, dst: list[int],
-                     dst_blocks: int, poison_src: bool) -> None:
+    def _validate_work(self, work: SequenceWork, lengths: dict[int, tuple[int, int]]) -> None:
+        if work.start is not None:
+            history, table = 0, 0
+        elif work.seq_id in lengths:
+            history, table = lengths[work.seq_id]
+        else:
+            raise SimulationError(f"unknown sequence {work.seq_id} (and no start given)")
+        if work.block_table_start > table:
+            raise SimulationError(f"seq {work.seq_id}: table update at {work.block_table_start} "
+                                  f"past its end {table}")
+        if work.start_position != history:
+            raise SimulationError(f"seq {work.seq_id}: computes from position {work.start_position} "
+                                  f"but {history} tokens are cached")
+        if not work.token_ids:
+            raise SimulationError(f"seq {work.seq_id}: no tokens to compute")
+        needed = (work.start_position + len(work.token_ids) - 1) // self.block_size + 1
+        if work.block_table_start + len(work.block_ids) < needed:
+            raise SimulationError(f"seq {work.seq_id}: no valid block for position "
+                                  f"{work.start_position + len(work.token_ids) - 1}")
+        if any(not 0 <= b < self.num_gpu_blocks for b in work.block_ids):
+            raise SimulationError(f"seq {work.seq_id}: block id out of range in {work.block_ids}")
+        lengths[work.seq_id] = (history + len(work.token_ids), work.block_table_start + len(work.block_ids))
+
+    def _move_blocks(self, pairs: list[tuple[int, int]], src: list[int], dst: list[int],
+                     poison_src: bool) -> None:
         bs = self.block_size
         for s, d in pairs:
-            if not (0 <= s < src_blocks and 0 <= d < dst_blocks):
-                raise SimulationError(f"block pair ({s}, {d}) out of range")
             dst[d * bs:(d + 1) * bs] = src[s * bs:(s + 1) * bs]
             if poison_src:       # a swapped-out GPU block is free: nothing may read it any more
                 src[s * bs:(s + 1) * bs] = [_EMPTY] * bs
@@ -105,22 +141,13 @@ class SimulatedExecutor:
         if work.start is not None:
             seq = self.seqs[work.seq_id] = _SimSequence(work.start, work.start.sample_index)
         else:
-            seq = self._seq(work.seq_id)
-        if work.block_table_start > len(seq.table):
-            raise SimulationError(f"seq {work.seq_id}: table update at {work.block_table_start} "
-                                  f"past its end {len(seq.table)}")
+            seq = self.seqs[work.seq_id]
         seq.table[work.block_table_start:] = work.block_ids
-        if work.start_position != len(seq.history):
-            raise SimulationError(f"seq {work.seq_id}: computes from position {work.start_position} "
-                                  f"but {len(seq.history)} tokens are cached")
         bs = self.block_size
         table = seq.table
         for i, token in enumerate(work.token_ids):
             position = work.start_position + i
-            index = position // bs
-            if index >= len(table) or not 0 <= table[index] < self.num_gpu_blocks:
-                raise SimulationError(f"seq {work.seq_id}: no valid block for position {position}")
-            self.gpu[table[index] * bs + position % bs] = token
+            self.gpu[table[position // bs] * bs + position % bs] = token
         seq.history.extend(work.token_ids)
         if not work.num_samples:
             return SequenceResult(work.seq_id, ())

@@ -51,3 +51,16 @@ def test_samples_are_a_function_of_seed_stream_and_context():
     samples = a.execute(StepPlan(3, sequences=[SequenceWork(1, [16], 6, 2, [], 3, 4)])).sequences[0].samples
     assert len({s.token_id for s in samples}) == 3        # three streams, three draws
     assert all(len(s.top_logprobs) == 4 and s.top_logprobs[0][0] == s.token_id for s in samples)
+
+
+def test_a_rejected_plan_changes_nothing():
+    executor = SimulatedExecutor(8, 4, 4)
+    prefill(executor, [0, 1])
+    histories = {k: v.history.copy() for k, v in executor.seqs.items()}
+    before = (executor.gpu.copy(), executor.cpu.copy(), histories)
+    bad = StepPlan(2, swap_out=[(0, 1)], copy=[(1, 2)],
+                   sequences=[SequenceWork(1, [15], 5, 2, [], 1, 0), SequenceWork(7, [1], 0, 0, [3], 1, 0)])
+    with pytest.raises(SimulationError, match="unknown sequence 7"):
+        executor.execute(bad)
+    after = (executor.gpu, executor.cpu, {k: v.history for k, v in executor.seqs.items()})
+    assert after == before
