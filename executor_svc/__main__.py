@@ -1,0 +1,43 @@
+"""`pagedserve-executor`: run one executor rank, serving the executor API over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from executor_svc.backend import ExecutorBackend
+from executor_svc.config import Backend, ExecutorConfig
+from executor_svc.server import serve
+from executor_svc.simulated_backend import SimulatedBackend
+from scheduler_svc.errors import InvalidArgumentError
+
+
+def make_backend(config: ExecutorConfig) -> ExecutorBackend:
+    """The backend the config names."""
+    if config.backend is Backend.SIMULATED:
+        return SimulatedBackend(config)
+    raise InvalidArgumentError("backend", f"unknown backend {config.backend}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pagedserve-executor` console script."""
+    parser = argparse.ArgumentParser(prog="pagedserve-executor", description=__doc__)
+    ExecutorConfig.add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ExecutorConfig.from_sources(args)
+        asyncio.run(serve(config, make_backend(config)))
+    except InvalidArgumentError as err:
+        print(f"pagedserve-executor: invalid {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The executor's gRPC server: a thin layer over an ExecutorBackend.
+
+Backend calls run on one worker thread so the event loop keeps answering health checks while a step
+computes; steps of the Execute stream run strictly in order. A plan the backend rejects is answered
+with an error result for that step, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from executor_svc.backend import ExecutorBackend
+from executor_svc.config import ExecutorConfig
+from pagedserve.v1 import executor_pb2 as pb
+from pagedserve.v1 import executor_pb2_grpc
+from scheduler_svc.plan import MalformedPlanError
+from scheduler_svc.plan_codec import error_result, plan_from_proto, result_to_proto
+
+log = logging.getLogger("pagedserve.executor")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
+    """Describe, InitCache and the Execute stream over one backend; one scheduler at a time."""
+
+    def __init__(self, backend: ExecutorBackend) -> None:
+        self._backend = backend
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-step")
+        self._stream_open = False
+
+    async def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def Describe(self, request: pb.DescribeRequest,
+                       context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        """The model shard this rank serves."""
+        return pb.DescribeResponse(**dataclasses.asdict(self._backend.describe()))
+
+    async def InitCache(self, request: pb.InitCacheRequest,
+                        context: grpc.aio.ServicerContext) -> pb.InitCacheResponse:
+        """Size and allocate the KV cache; refused while a scheduler's Execute stream is open."""
+        size = request.block_size
+        if size <= 0 or size & (size - 1):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"block_size: must be a power of two, got {size}")
+        if not 0.0 < request.gpu_memory_utilization <= 1.0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "gpu_memory_utilization: must be in "
+                                f"(0, 1], got {request.gpu_memory_utilization}")
+        if self._stream_open:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the KV cache cannot change while an Execute stream is open")
+        cache = await self._on_worker(self._backend.init_cache, size, request.gpu_memory_utilization,
+                                      request.swap_space_bytes)
+        log.info("KV cache: %d GPU blocks, %d CPU blocks of %d tokens", cache.num_gpu_blocks,
+                 cache.num_cpu_blocks, size)
+        return pb.InitCacheResponse(**dataclasses.asdict(cache))
+
+    async def Execute(self, request_iterator: AsyncIterator[pb.StepPlan],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResult]:
+        """Answer each plan with one result, in order. A new stream starts with no sequences."""
+        if not self._backend.cache_ready:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "call InitCache before Execute")
+        if self._stream_open:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "another Execute stream is open: an executor serves one scheduler")
+        self._stream_open = True
+        try:
+            await self._on_worker(self._backend.reset_sequences)
+            async for plan in request_iterator:
+                yield await self._on_worker(self._step, plan)
+        finally:
+            self._stream_open = False
+
+    def _step(self, msg: pb.StepPlan) -> pb.StepResult:
+        """Decode and run one plan on the worker thread; any failure becomes that step's error."""
+        try:
+            return result_to_proto(self._backend.execute(plan_from_proto(msg)))
+        except (MalformedPlanError, ValueError) as err:
+            log.warning("step %d rejected: %s", msg.step_id, err)
+            return error_result(msg.step_id, f"malformed plan: {err}")
+        except Exception as err:
+            log.exception("step %d failed", msg.step_id)
+            return error_result(msg.step_id, f"executor failure: {err!r}")
+
+
+def _message_options(config: ExecutorConfig) -> list[tuple[str, int]]:
+    # Block tables of big batches exceed gRPC's 4 MiB default.
+    return [("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes)]
+
+
+async def start_server(config: ExecutorConfig, backend: ExecutorBackend) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the port it bound (useful with port 0)."""
+    server = grpc.aio.server(options=_message_options(config))
+    executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(backend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+async def serve(config: ExecutorConfig, backend: ExecutorBackend) -> None:
+    """Serve until SIGTERM or SIGINT, then stop within a short grace period."""
+    server, port = await start_server(config, backend)
+    log.info("pagedserve-executor listening on %s:%d (backend %s, rank %d/%d)", config.host, port,
+             config.backend.value, config.rank, config.world_size)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop(SHUTDOWN_GRACE_SECONDS)

@@ -1,0 +1,67 @@
+"""Start real `pagedserve-executor` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+class ExecutorProcess:
+    """A running executor process and the address it listens on."""
+
+    def __init__(self, *flags: str) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.proc = subprocess.Popen([sys.executable, "-m", "executor_svc", "--port", "0", *flags],
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.address = self._wait_for_address(timeout=30.0)
+
+    def _wait_for_address(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        lines = []
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = LISTENING.search(line)
+            if match:
+                return match.group(1)
+        self.stop()
+        raise RuntimeError("executor did not start:\n" + "".join(lines))
+
+    def stop(self) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_executor() -> Iterator:
+    """Start executors with the given flags; all are stopped after the test."""
+    started: list[ExecutorProcess] = []
+
+    def start(*flags: str) -> ExecutorProcess:
+        process = ExecutorProcess(*flags)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
