@@ -67,7 +67,8 @@ def test_a_scheduler_drives_a_real_executor_process_to_the_same_outputs(start_ex
     local_executor = SimulatedExecutor(40, 64, BLOCK, vocab_size=100, eos_token_id=2)
 
     def local_step(plan):      # the same wire rounding (float32 logprobs) without the process
-        return result_from_proto(result_to_proto(local_executor.execute(plan_from_proto(plan_to_proto(plan)))))
+        local = local_executor.execute(plan_from_proto(plan_to_proto(plan)))
+        return result_from_proto(result_to_proto(local))
 
     assert remote == drive(make_scheduler(), local_step)
     client.close()
@@ -83,7 +84,7 @@ def test_a_malformed_plan_fails_its_step_and_the_stream_goes_on(start_executor):
     plan = scheduler.schedule()
     broken = plan_from_proto(plan_to_proto(plan))
     broken.sequences[0].block_ids = [999]
-    with pytest.raises(ExecutorStepError, match="malformed plan: .*out of range"):
+    with pytest.raises(ExecutorStepError, match=r"malformed plan: .*out of range"):
         client.step(broken)
     result = client.step(plan)                                      # the executor kept serving
     assert [r.seq_id for r in result.sequences] == [plan.sequences[0].seq_id]
