@@ -1,0 +1,161 @@
+"""Paged attention: the per-step batch description, the KV write, and the torch reference kernels.
+
+KV cache layout (block-major, chosen for the kernels and for swapping): one tensor for all layers,
+
+    kv_cache: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+
+so one block id names one contiguous chunk holding that block's keys and values for every layer. A
+swap or copy-on-write of a block is a single contiguous copy, and a run of consecutive block ids is
+one large transfer. Inside a block, each (layer, K|V, kv head) tile is a contiguous
+[block_size, head_size] matrix: a decode kernel working on one KV head loads whole tiles with
+vectorised reads and shares them across the query heads of its GQA group. A layer's view is
+`kv_cache[:, layer]`: [num_blocks, 2, num_kv_heads, block_size, head_size].
+
+The forward batch is flat: all tokens of all scheduled sequences, sequence after sequence. Sequence i
+computes `query_lens[i]` new tokens that sit at the end of its `seq_lens[i]` tokens of context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Where a step's tokens go in the KV cache and what each one attends to.
+
+    T = tokens in the step, S = sequences in the step.
+    """
+
+    slot_mapping: torch.Tensor      # [T] int64: block_id * block_size + offset for each new token
+    positions: torch.Tensor         # [T] int64: position of each new token in its sequence
+    query_start_loc: torch.Tensor   # [S + 1] int64: token range of sequence i is [start[i], start[i+1])
+    seq_lens: torch.Tensor          # [S] int64: context length of each sequence including this step
+    block_tables: torch.Tensor      # [S, max_blocks] int32: physical blocks, padded with 0
+    block_size: int
+    max_query_len: int
+    max_seq_len: int
+    query_lens_list: tuple[int, ...]   # the same lengths on the host, for loops that need them
+    seq_lens_list: tuple[int, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        """T."""
+        return int(self.slot_mapping.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        """S."""
+        return len(self.seq_lens_list)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every sequence computes exactly one token (the decode kernel's case)."""
+        return self.max_query_len == 1
+
+    @classmethod
+    def build(cls, start_positions: Sequence[int], query_lens: Sequence[int],
+              block_tables: Sequence[Sequence[int]], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionMetadata:
+        """From each sequence's first new position, new-token count and full block table."""
+        positions, slots = [], []
+        for start, n, table in zip(start_positions, query_lens, block_tables, strict=True):
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(table[p // block_size] * block_size + p % block_size)
+        seq_lens = [s + n for s, n in zip(start_positions, query_lens, strict=True)]
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(slot_mapping=tensor(slots, torch.int64), positions=tensor(positions, torch.int64),
+                   query_start_loc=tensor(starts, torch.int64), seq_lens=tensor(seq_lens, torch.int64),
+                   block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
+                   block_size=block_size, max_query_len=max(query_lens, default=0),
+                   max_seq_len=max(seq_lens, default=0), query_lens_list=tuple(query_lens),
+                   seq_lens_list=tuple(seq_lens))
+
+
+def write_kv_reference(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Store new keys and values in their slots (what the fused reshape-and-cache kernel does).
+
+    layer_cache:  [num_blocks, 2, num_kv_heads, block_size, head_size]
+    key, value:   [T, num_kv_heads, head_size]
+    slot_mapping: [T] int64
+    """
+    block_size = layer_cache.shape[3]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    # Advanced indices split by a slice put the indexed dimension first: [T, num_kv_heads, head_size].
+    layer_cache[blocks, 0, :, offsets] = key.to(layer_cache.dtype)
+    layer_cache[blocks, 1, :, offsets] = value.to(layer_cache.dtype)
+
+
+def gather_context(layer_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's keys and values read through its block table.
+
+    layer_cache: [num_blocks, 2, num_kv_heads, block_size, head_size]
+    block_table: [>= ceil(seq_len / block_size)] int
+    returns k, v: [seq_len, num_kv_heads, head_size]
+    """
+    block_size = layer_cache.shape[3]
+    blocks = block_table[: -(-seq_len // block_size)].long()
+    kv = layer_cache[blocks]                                   # [nb, 2, Hkv, B, D]
+    kv = kv.permute(1, 0, 3, 2, 4).flatten(1, 2)[:, :seq_len]  # [2, nb * B, Hkv, D] -> [2, L, Hkv, D]
+    return kv[0], kv[1]
+
+
+def paged_attention_reference(query: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata,
+                              scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached context, in float32.
+
+    query:       [T, num_heads, head_size]; num_heads a multiple of num_kv_heads (GQA)
+    layer_cache: [num_blocks, 2, num_kv_heads, block_size, head_size], already holding this step's K/V
+    returns      [T, num_heads, head_size] in the query's dtype
+    """
+    out = torch.empty_like(query)
+    num_heads, num_kv_heads = query.shape[1], layer_cache.shape[2]
+    group = num_heads // num_kv_heads
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list, strict=True)):
+        q = query[start:start + q_len].float()                # [Lq, H, D]
+        k, v = gather_context(layer_cache, meta.block_tables[i], seq_len)
+        k = k.float().repeat_interleave(group, dim=1)         # [L, H, D]
+        v = v.float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale   # [H, Lq, L]
+        # Query j sits at position seq_len - q_len + j and sees keys up to that position.
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        key_pos = torch.arange(seq_len, device=query.device)
+        scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+        out[start:start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(query.dtype)
+        start += q_len
+    return out
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """What every attention layer of a model needs during one forward pass."""
+
+    kv_cache: torch.Tensor          # [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+    meta: AttentionMetadata
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Write this step's K/V of `layer` into the cache, then attend over the cached context.
+
+        query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size]
+        returns [T, num_heads, head_size]
+        """
+        layer_cache = self.kv_cache[:, layer]
+        write_kv_reference(layer_cache, key, value, self.meta.slot_mapping)
+        return paged_attention_reference(query, layer_cache, self.meta, scale)
