@@ -76,9 +76,10 @@ class AttentionMetadata:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
+        tables = torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width)
         return cls(slot_mapping=tensor(slots, torch.int64), positions=tensor(positions, torch.int64),
                    query_start_loc=tensor(starts, torch.int64), seq_lens=tensor(seq_lens, torch.int64),
-                   block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
+                   block_tables=tables,
                    block_size=block_size, max_query_len=max(query_lens, default=0),
                    max_seq_len=max(seq_lens, default=0), query_lens_list=tuple(query_lens),
                    seq_lens_list=tuple(seq_lens))
