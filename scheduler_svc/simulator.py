@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from scheduler_svc.outputs import RequestOutput
 from scheduler_svc.plan import (
-    MalformedPlanError,
     Sample,
     SequenceResult,
     SequenceStart,
@@ -23,14 +22,15 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
+from scheduler_svc.plan_validation import validate_plan
 
 _MASK = (1 << 64) - 1
 _EMPTY = -1
 _CONTEXT_WINDOW = 4      # the sample depends on the last few tokens read back from the cache
 
 
-class SimulationError(MalformedPlanError):
-    """The plan was malformed, or the KV contents read back differ from what was written."""
+class SimulationError(RuntimeError):
+    """The KV contents read back differ from what was written: a scheduler bug."""
 
 
 def _mix(x: int) -> int:
@@ -87,47 +87,9 @@ class SimulatedExecutor:
         return StepResult(step_id=plan.step_id, sequences=tuple(r for r in results if r.samples))
 
     def validate(self, plan: StepPlan) -> None:
-        """Raise SimulationError if any part of the plan is malformed; changes nothing."""
-        lengths = {seq_id: (len(s.history), len(s.table)) for seq_id, s in self.seqs.items()}
-        for fork in plan.forks:
-            if fork.parent_seq_id not in lengths:
-                raise SimulationError(f"fork: unknown parent sequence {fork.parent_seq_id}")
-            lengths[fork.child_seq_id] = lengths[fork.parent_seq_id]
-        for name, pairs, src_blocks, dst_blocks in (
-                ("swap_out", plan.swap_out, self.num_gpu_blocks, self.num_cpu_blocks),
-                ("swap_in", plan.swap_in, self.num_cpu_blocks, self.num_gpu_blocks),
-                ("copy", plan.copy, self.num_gpu_blocks, self.num_gpu_blocks)):
-            for src, dst in pairs:
-                if not (0 <= src < src_blocks and 0 <= dst < dst_blocks):
-                    raise SimulationError(f"{name}: block pair ({src}, {dst}) out of range")
-        for work in plan.sequences:
-            self._validate_work(work, lengths)
-        for seq_id in plan.forget_seq_ids:
-            if seq_id not in lengths:
-                raise SimulationError(f"forget: unknown sequence {seq_id}")
-
-    def _validate_work(self, work: SequenceWork, lengths: dict[int, tuple[int, int]]) -> None:
-        if work.start is not None:
-            history, table = 0, 0
-        elif work.seq_id in lengths:
-            history, table = lengths[work.seq_id]
-        else:
-            raise SimulationError(f"unknown sequence {work.seq_id} (and no start given)")
-        if work.block_table_start > table:
-            raise SimulationError(f"seq {work.seq_id}: table update at {work.block_table_start} "
-                                  f"past its end {table}")
-        if work.start_position != history:
-            raise SimulationError(f"seq {work.seq_id}: computes from position {work.start_position} "
-                                  f"but {history} tokens are cached")
-        if not work.token_ids:
-            raise SimulationError(f"seq {work.seq_id}: no tokens to compute")
-        needed = (work.start_position + len(work.token_ids) - 1) // self.block_size + 1
-        if work.block_table_start + len(work.block_ids) < needed:
-            raise SimulationError(f"seq {work.seq_id}: no valid block for position "
-                                  f"{work.start_position + len(work.token_ids) - 1}")
-        if any(not 0 <= b < self.num_gpu_blocks for b in work.block_ids):
-            raise SimulationError(f"seq {work.seq_id}: block id out of range in {work.block_ids}")
-        lengths[work.seq_id] = (history + len(work.token_ids), work.block_table_start + len(work.block_ids))
+        """Raise MalformedPlanError if any part of the plan is malformed; changes nothing."""
+        known = {seq_id: (len(s.history), len(s.table)) for seq_id, s in self.seqs.items()}
+        validate_plan(plan, known, self.block_size, self.num_gpu_blocks, self.num_cpu_blocks)
 
     def _move_blocks(self, pairs: list[tuple[int, int]], src: list[int], dst: list[int],
                      poison_src: bool) -> None:

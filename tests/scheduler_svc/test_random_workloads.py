@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from conftest import Harness
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from sim_harness import Harness
 
 from scheduler_svc.config import PreemptionPolicy, ReservationMode
 from scheduler_svc.sampling_params import SamplingParams

@@ -1,7 +1,7 @@
 """Scheduler rules: FCFS, budgets, plans, preemption, stopping, aborts, failures."""
 
 import pytest
-from conftest import EOS, Harness
+from sim_harness import EOS, Harness
 
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
 from scheduler_svc.errors import InvalidArgumentError, PlanResultMismatchError
@@ -165,8 +165,8 @@ def test_swap_falls_back_to_recompute_when_swap_space_is_full():
     assert not plan.swap_out and s.stats().num_preemptions_recompute == 1
 
 
-def test_fcfs_order_survives_preemption(harness_factory):
-    h: Harness = harness_factory(num_gpu_blocks=12, num_cpu_blocks=32, watermark=0.0)
+def test_fcfs_order_survives_preemption():
+    h = Harness(num_gpu_blocks=12, num_cpu_blocks=32, watermark=0.0)
     for i in range(6):
         h.scheduler.add_request(f"r{i}", prompt(6, 10 + i), SamplingParams(max_tokens=12, seed=i))
     finish_order = []
@@ -192,8 +192,8 @@ def test_a_group_that_can_never_fit_fails_with_a_clear_error_and_others_run():
     assert running_ids(s) == ["ok"] and len(plan.sequences) == 1
 
 
-def test_a_sequence_that_outgrows_the_whole_pool_fails_instead_of_hanging(harness_factory):
-    h: Harness = harness_factory(num_gpu_blocks=4, num_cpu_blocks=0, watermark=0.0)
+def test_a_sequence_that_outgrows_the_whole_pool_fails_instead_of_hanging():
+    h = Harness(num_gpu_blocks=4, num_cpu_blocks=0, watermark=0.0)
     h.scheduler.add_request("grows", prompt(10), SamplingParams(max_tokens=30, ignore_eos=True))
     done = h.run(max_steps=100)
     assert done["grows"].finish_reasons == {0: "error"} and "KV blocks" in done["grows"].error

@@ -1,6 +1,6 @@
 """Parallel sampling and beam search: shared blocks, copy-on-write, forks, and the outputs chosen."""
 
-from conftest import EOS, Harness
+from sim_harness import EOS, Harness
 
 from scheduler_svc.beam_search import beam_score
 from scheduler_svc.config import ReservationMode

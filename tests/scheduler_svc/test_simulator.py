@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler_svc.plan import SequenceStart, SequenceWork, StepPlan
+from scheduler_svc.plan import MalformedPlanError, SequenceStart, SequenceWork, StepPlan
 from scheduler_svc.simulator import SimulatedExecutor, SimulationError
 
 START = SequenceStart("r", num_prompt_tokens=5, seed=1, sample_index=0)
@@ -34,11 +34,11 @@ def test_reading_a_swapped_out_block_is_caught():
 
 def test_malformed_plans_are_rejected():
     executor = SimulatedExecutor(4, 2, 4)
-    with pytest.raises(SimulationError, match="unknown sequence"):
+    with pytest.raises(MalformedPlanError, match="unknown sequence"):
         executor.execute(StepPlan(1, sequences=[SequenceWork(9, [1], 3, 0, [], 1, 0)]))
-    with pytest.raises(SimulationError, match="out of range"):
+    with pytest.raises(MalformedPlanError, match="out of range"):
         executor.execute(StepPlan(2, copy=[(0, 4)]))
-    with pytest.raises(SimulationError, match="no valid block"):
+    with pytest.raises(MalformedPlanError, match="no block"):
         executor.execute(StepPlan(3, sequences=[SequenceWork(1, [1] * 5, 0, 0, [0], 1, 0, START)]))
 
 
@@ -60,7 +60,7 @@ def test_a_rejected_plan_changes_nothing():
     before = (executor.gpu.copy(), executor.cpu.copy(), histories)
     bad = StepPlan(2, swap_out=[(0, 1)], copy=[(1, 2)],
                    sequences=[SequenceWork(1, [15], 5, 2, [], 1, 0), SequenceWork(7, [1], 0, 0, [3], 1, 0)])
-    with pytest.raises(SimulationError, match="unknown sequence 7"):
+    with pytest.raises(MalformedPlanError, match="unknown sequence 7"):
         executor.execute(bad)
     after = (executor.gpu, executor.cpu, {k: v.history for k, v in executor.seqs.items()})
     assert after == before

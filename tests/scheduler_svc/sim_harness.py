@@ -1,8 +1,6 @@
-"""Helpers that drive the scheduler against the token-level simulated executor."""
+"""A scheduler and the token-level simulated executor, stepped together by the scheduler tests."""
 
 from __future__ import annotations
-
-import pytest
 
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.outputs import RequestOutput
@@ -49,9 +47,3 @@ class Harness:
         bm = self.scheduler.block_manager
         assert bm.gpu.num_free == bm.gpu.num_blocks and bm.cpu.num_free == bm.cpu.num_blocks
         return self.done
-
-
-@pytest.fixture
-def harness_factory():
-    """Build a Harness with the given pool sizes and scheduler config."""
-    return Harness
