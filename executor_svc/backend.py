@@ -48,9 +48,12 @@ class ExecutorBackend(Protocol):
         """The model shard."""
         ...
 
-    def init_cache(self, block_size: int, gpu_memory_utilization: float,
-                   swap_space_bytes: int) -> CacheDescription:
-        """Size and allocate the KV cache; may be called again to resize (all sequences are dropped)."""
+    def init_cache(self, block_size: int, gpu_memory_utilization: float, swap_space_bytes: int,
+                   max_num_batched_tokens: int) -> CacheDescription:
+        """Profile a step of `max_num_batched_tokens`, then size and allocate the KV cache.
+
+        May be called again to resize; all sequences are dropped.
+        """
         ...
 
     @property

@@ -61,7 +61,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the KV cache cannot change while an Execute stream is open")
         cache = await self._on_worker(self._backend.init_cache, size, request.gpu_memory_utilization,
-                                      request.swap_space_bytes)
+                                      request.swap_space_bytes, request.max_num_batched_tokens)
         log.info("KV cache: %d GPU blocks, %d CPU blocks of %d tokens", cache.num_gpu_blocks,
                  cache.num_cpu_blocks, size)
         return pb.InitCacheResponse(**dataclasses.asdict(cache))

@@ -32,8 +32,8 @@ class SimulatedBackend:
                                 eos_token_ids=(c.simulated_eos_token_id,), num_layers=0, num_kv_heads=0,
                                 head_size=0)
 
-    def init_cache(self, block_size: int, gpu_memory_utilization: float,
-                   swap_space_bytes: int) -> CacheDescription:
+    def init_cache(self, block_size: int, gpu_memory_utilization: float, swap_space_bytes: int,
+                   max_num_batched_tokens: int = 0) -> CacheDescription:
         """GPU blocks from simulated_kv_tokens scaled by the utilization; CPU blocks from swap bytes."""
         start = time.perf_counter()
         c = self.config

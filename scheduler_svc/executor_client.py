@@ -37,13 +37,13 @@ class ExecutorClient:
         """The model shard the executor serves."""
         return self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout)
 
-    def init_cache(self, block_size: int, gpu_memory_utilization: float,
-                   swap_space_bytes: int) -> pb.InitCacheResponse:
-        """Have the executor allocate its KV cache; returns its block counts."""
-        return self._stub.InitCache(pb.InitCacheRequest(block_size=block_size,
-                                                        gpu_memory_utilization=gpu_memory_utilization,
-                                                        swap_space_bytes=swap_space_bytes),
-                                    timeout=self.timeout)
+    def init_cache(self, block_size: int, gpu_memory_utilization: float, swap_space_bytes: int,
+                   max_num_batched_tokens: int = 0) -> pb.InitCacheResponse:
+        """Have the executor profile a step and allocate its KV cache; returns its block counts."""
+        request = pb.InitCacheRequest(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+                                      swap_space_bytes=swap_space_bytes,
+                                      max_num_batched_tokens=max_num_batched_tokens)
+        return self._stub.InitCache(request, timeout=self.timeout)
 
     def step(self, plan: StepPlan) -> StepResult:
         """Send one plan on the Execute stream (opened on first use) and return its result.
