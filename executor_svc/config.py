@@ -16,11 +16,12 @@ ENV_PREFIX = "PAGEDSERVE_EXECUTOR_"
 class Backend(enum.Enum):
     """What executes the plans.
 
-    SIMULATED is the token-level simulated executor: no model and no GPU, for testing the scheduler
-    and the control plane end to end. The model backend (torch models, CUDA kernels) plugs into the
-    same server.
+    MODEL runs a Hugging Face model directory with our own model code and paged KV cache. SIMULATED is
+    the token-level simulated executor: no model and no GPU, for testing the scheduler and the
+    control plane end to end.
     """
 
+    MODEL = "model"
     SIMULATED = "simulated"
 
 
@@ -30,10 +31,17 @@ class ExecutorConfig:
 
     host: str = "127.0.0.1"
     port: int = 50061
-    backend: Backend = Backend.SIMULATED
+    backend: Backend = Backend.MODEL
+    model: str = ""
+    served_model_name: str = ""
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    cpu_kv_cache_bytes: int = 2**30
     rank: int = 0
     world_size: int = 1
-    max_model_len: int = 4096
+    max_model_len: int = 0
     max_message_bytes: int = 256 * 2**20
     simulated_kv_tokens: int = 65536
     simulated_vocab_size: int = 32000
@@ -42,7 +50,17 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
         _check(0 <= self.rank < self.world_size, "rank", f"must be in [0, world_size={self.world_size})")
-        _check(self.max_model_len >= 2, "max_model_len", "must be at least 2")
+        _check(self.max_model_len == 0 or self.max_model_len >= 2, "max_model_len",
+               "must be at least 2 (0 takes the model's own limit)")
+        if self.backend is Backend.MODEL:
+            _check(bool(self.model), "model", "give the path of a local Hugging Face model directory")
+        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype",
+               f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+               f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        _check(self.load_format in ("auto", "dummy"), "load_format",
+               f"must be auto (the checkpoint's weights) or dummy (random), got {self.load_format!r}")
+        _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
         _check(self.max_message_bytes >= 4 * 2**20, "max_message_bytes", "must be at least 4 MiB")
         _check(self.simulated_kv_tokens >= 1, "simulated_kv_tokens", "must be at least 1")
         _check(0 <= self.simulated_eos_token_id < self.simulated_vocab_size, "simulated_eos_token_id",

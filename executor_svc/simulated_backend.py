@@ -28,7 +28,7 @@ class SimulatedBackend:
         c = self.config
         return ModelDescription(model_name="simulated", model_path="", architecture="SimulatedExecutor",
                                 dtype="int64", device="cpu", rank=c.rank, world_size=c.world_size,
-                                max_model_len=c.max_model_len, vocab_size=c.simulated_vocab_size,
+                                max_model_len=c.max_model_len or 4096, vocab_size=c.simulated_vocab_size,
                                 eos_token_ids=(c.simulated_eos_token_id,), num_layers=0, num_kv_heads=0,
                                 head_size=0)
 

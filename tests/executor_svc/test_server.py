@@ -43,8 +43,8 @@ def drive(scheduler: Scheduler, step) -> dict:
 
 
 def test_a_scheduler_drives_a_real_executor_process_to_the_same_outputs(start_executor):
-    executor = start_executor("--simulated-kv-tokens", "160", "--simulated-vocab-size", "100",
-                              "--max-model-len", "128")
+    executor = start_executor("--backend", "simulated", "--simulated-kv-tokens", "160",
+                              "--simulated-vocab-size", "100", "--max-model-len", "128")
     client = ExecutorClient(executor.address)
     client.wait_ready(10)
     described = client.describe()
@@ -76,7 +76,7 @@ def test_a_scheduler_drives_a_real_executor_process_to_the_same_outputs(start_ex
 
 
 def test_a_malformed_plan_fails_its_step_and_the_stream_goes_on(start_executor):
-    executor = start_executor("--simulated-kv-tokens", "64")
+    executor = start_executor("--backend", "simulated", "--simulated-kv-tokens", "64")
     client = ExecutorClient(executor.address)
     client.init_cache(BLOCK, 1.0, 0)
     scheduler = Scheduler(SchedulerConfig(block_size=BLOCK), 16, 0, 64, seed=0)
@@ -92,7 +92,7 @@ def test_a_malformed_plan_fails_its_step_and_the_stream_goes_on(start_executor):
 
 
 def test_handshake_errors_and_health(start_executor):
-    executor = start_executor()
+    executor = start_executor("--backend", "simulated")
     channel = grpc.insecure_channel(executor.address)
     stub = executor_pb2_grpc.ExecutorServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(
@@ -112,7 +112,7 @@ def test_handshake_errors_and_health(start_executor):
 
 
 def test_one_scheduler_at_a_time(start_executor):
-    executor = start_executor()
+    executor = start_executor("--backend", "simulated")
     first = ExecutorClient(executor.address)
     first.init_cache(BLOCK, 1.0, 0)
     first.step(Scheduler(SchedulerConfig(block_size=BLOCK), 8, 0, 64).schedule())   # opens the stream
