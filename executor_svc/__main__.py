@@ -16,10 +16,12 @@ from scheduler_svc.errors import InvalidArgumentError
 
 
 def make_backend(config: ExecutorConfig) -> ExecutorBackend:
-    """The backend the config names."""
+    """The backend the config names (the model backend imports torch only when chosen)."""
     if config.backend is Backend.SIMULATED:
         return SimulatedBackend(config)
-    raise InvalidArgumentError("backend", f"unknown backend {config.backend}")
+    from executor_svc.model_backend import ModelBackend
+
+    return ModelBackend(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
