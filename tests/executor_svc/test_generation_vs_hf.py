@@ -17,6 +17,8 @@ from tiny_models import VOCAB, build_hf_model, tiny_config  # noqa: E402
 
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig  # noqa: E402
 from scheduler_svc.executor_client import ExecutorClient  # noqa: E402
+from scheduler_svc.plan import SequenceStart, SequenceWork, StepPlan  # noqa: E402
+from scheduler_svc.plan_codec import ExecutorStepError  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
 from scheduler_svc.simulator import collect  # noqa: E402
@@ -77,6 +79,7 @@ def test_greedy_output_equals_hf_through_the_execute_stream(tiny_model, start_ex
     executor = start_executor("--model", str(path), "--device", "cpu", "--dtype", "float32",
                               "--cpu-kv-cache-bytes", str(1 << 22))
     expected = [hf_greedy(hf_model, p) for p in prompts()]
+    check_malformed_plans_are_refused(executor.address)
     runs = [(256, 0, PreemptionPolicy.AUTO), (12, 64, PreemptionPolicy.SWAP),
             (12, 0, PreemptionPolicy.RECOMPUTE)]
     for num_gpu_blocks, num_cpu_blocks, policy in runs:
@@ -97,3 +100,20 @@ def test_greedy_output_equals_hf_through_the_execute_stream(tiny_model, start_ex
             assert stats.num_preemptions_swap > 0
         if policy is PreemptionPolicy.RECOMPUTE:
             assert stats.num_preemptions_recompute > 0
+
+
+def check_malformed_plans_are_refused(address: str) -> None:
+    """A bad plan fails its step with a message; the next plan on the same stream runs."""
+    client = ExecutorClient(address)
+    client.wait_ready(30)
+    cache = client.init_cache(BLOCK_SIZE, 0.9, 0)
+    start = SequenceStart("r", num_prompt_tokens=3, seed=0, sample_index=0, temperature=0.0)
+    bad_block = SequenceWork(1, [5, 6, 7], 0, 0, [cache.num_gpu_blocks], 1, 0, start)
+    with pytest.raises(ExecutorStepError, match="block id out of range"):
+        client.step(StepPlan(1, sequences=[bad_block]))
+    with pytest.raises(ExecutorStepError, match="unknown sequence 9"):
+        client.step(StepPlan(2, sequences=[SequenceWork(9, [5], 3, 0, [], 1, 0)]))
+    good = SequenceWork(1, [5, 6, 7], 0, 0, [0], 1, 2, start)
+    (result,) = client.step(StepPlan(3, sequences=[good])).sequences
+    assert len(result.samples) == 1 and len(result.samples[0].top_logprobs) == 2
+    client.close()
