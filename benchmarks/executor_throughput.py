@@ -81,7 +81,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     return {"output_tokens": generated, "wall_seconds": wall, "output_tokens_per_second": generated / wall,
             "steps": len(step_seconds), "mean_batch": statistics.fmean(batch_sizes),
             "median_step_ms": statistics.median(step_seconds) * 1e3, "num_gpu_blocks": cache.num_gpu_blocks,
-            "device": str(executor.device), "dtype": str(executor.dtype).removeprefix("torch.")}
+            "device": str(executor.device), "dtype": str(executor.dtype).removeprefix("torch."),
+            "device_name": (torch.cuda.get_device_name(executor.device) if executor.device.type == "cuda"
+                            else platform.processor() or platform.machine())}
 
 
 def main() -> int:
