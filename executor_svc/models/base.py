@@ -10,7 +10,7 @@ from torch import nn
 
 from executor_svc.attention import ForwardContext
 from executor_svc.models.errors import CheckpointError
-from executor_svc.models.layers import ShardId
+from executor_svc.models.layers import ParallelLMHead, QKVParallelLinear, ShardId, VocabParallelEmbedding
 from executor_svc.models.loading import ParameterLoader, Route
 
 # Missing tensors listed by name in the error before the rest are only counted.
@@ -24,8 +24,8 @@ class CausalLM(nn.Module):
     `num_layers`, `num_kv_heads`, `head_size`; `vocab_size` is the logits width, and `max_model_len`
     the longest sequence (prompt + output) the model serves.
 
-    Families implement `forward`, `compute_logits` and the two naming hooks `route_weight` and
-    `checkpoint_name`; `load_weights` here does the rest.
+    Families build their layers, call `_attach_lm_head`, and implement `forward` and the two naming
+    hooks `route_weight` and `checkpoint_name`; `compute_logits` and `load_weights` here do the rest.
     """
 
     num_layers: int
@@ -43,9 +43,21 @@ class CausalLM(nn.Module):
         """
         raise NotImplementedError
 
+    def _attach_lm_head(self, config: Any, input_size: int, embedding: VocabParallelEmbedding,
+                        qkv_proj: QKVParallelLinear, tie: bool, tp_rank: int, tp_size: int) -> None:
+        """Add the LM head (tied to `embedding` when `tie`) and the sizes the executor reads."""
+        self.tie_word_embeddings = tie
+        self.lm_head = ParallelLMHead(config.vocab_size, input_size, tp_rank=tp_rank, tp_size=tp_size)
+        if tie:
+            self.lm_head.tie_to(embedding)
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = qkv_proj.num_kv_heads
+        self.head_size = qkv_proj.head_size
+        self.vocab_size = config.vocab_size
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        raise NotImplementedError
+        return self.lm_head(hidden).float()
 
     def route_weight(self, name: str, tensor: torch.Tensor) -> list[Route]:
         """Where checkpoint tensor `name` goes: one or more routes, or none for a tensor to skip."""

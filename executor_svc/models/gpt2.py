@@ -16,7 +16,6 @@ from executor_svc.models.base import CausalLM, resolve_max_model_len
 from executor_svc.models.errors import UnsupportedModelError
 from executor_svc.models.layers import (
     ColumnParallelLinear,
-    ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     ShardId,
@@ -123,25 +122,15 @@ class GPT2LMHeadModel(CausalLM):
                                         "supported")
         self.max_model_len = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                                    "n_positions")
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.transformer = GPT2Model(config, tp_rank, tp_size)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_rank=tp_rank, tp_size=tp_size)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.transformer.wte)
-        attn = self.transformer.h[0].attn.c_attn
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = attn.num_kv_heads
-        self.head_size = attn.head_size
-        self.vocab_size = config.vocab_size
+        tie = bool(getattr(config, "tie_word_embeddings", True))
+        self._attach_lm_head(config, config.hidden_size, self.transformer.wte,
+                             self.transformer.h[0].attn.c_attn, tie, tp_rank, tp_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> [T, hidden]."""
         return self.transformer(input_ids, positions, context)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
 
     def route_weight(self, name: str, tensor: torch.Tensor) -> list[Route]:
         """Conv1D weights are transposed and c_attn fills q, k and v at once. OpenAI-converted checkpoints

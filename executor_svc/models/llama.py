@@ -12,7 +12,6 @@ from executor_svc.models.base import CausalLM, config_value, resolve_max_model_l
 from executor_svc.models.errors import UnsupportedModelError
 from executor_svc.models.layers import (
     MergedColumnParallelLinear,
-    ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
     RotaryEmbedding,
@@ -130,25 +129,15 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.max_model_len = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                                    "max_position_embeddings")
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.model = LlamaModel(config, self.max_model_len, tp_rank, tp_size)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp_rank=tp_rank, tp_size=tp_size)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-        attn = self.model.layers[0].self_attn.qkv_proj
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = attn.num_kv_heads
-        self.head_size = attn.head_size
-        self.vocab_size = config.vocab_size
+        self._attach_lm_head(config, config.hidden_size, self.model.embed_tokens,
+                             self.model.layers[0].self_attn.qkv_proj,
+                             bool(getattr(config, "tie_word_embeddings", False)), tp_rank, tp_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> [T, hidden]."""
         return self.model(input_ids, positions, context)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
 
     def route_weight(self, name: str, tensor: torch.Tensor) -> list[Route]:
         """HF names map one to one, except q/k/v and gate/up, which fill shards of the fused parameters."""

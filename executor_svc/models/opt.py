@@ -17,7 +17,6 @@ from executor_svc.attention import ForwardContext
 from executor_svc.models.base import CausalLM, config_value, resolve_max_model_len
 from executor_svc.models.layers import (
     ColumnParallelLinear,
-    ParallelLMHead,
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
@@ -155,26 +154,16 @@ class OPTForCausalLM(CausalLM):
         super().__init__()
         self.max_model_len = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                                    "max_position_embeddings")
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         self.model = OPTModel(config, tp_rank, tp_size)
-        self.lm_head = ParallelLMHead(config.vocab_size, word_embed_dim(config), tp_rank=tp_rank,
-                                      tp_size=tp_size)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.decoder.embed_tokens)
-        attn = self.model.decoder.layers[0].self_attn.qkv_proj
-        self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = attn.num_kv_heads
-        self.head_size = attn.head_size
-        self.vocab_size = config.vocab_size
+        decoder = self.model.decoder
+        tie = bool(getattr(config, "tie_word_embeddings", True))
+        self._attach_lm_head(config, word_embed_dim(config), decoder.embed_tokens,
+                             decoder.layers[0].self_attn.qkv_proj, tie, tp_rank, tp_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> [T, word_embed_proj_dim]."""
         return self.model.decoder(input_ids, positions, context)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, word_embed_proj_dim] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
 
     def route_weight(self, name: str, tensor: torch.Tensor) -> list[Route]:
         """HF names map one to one except q/k/v; metaseq-converted checkpoints lack the `model.` prefix."""
