@@ -8,7 +8,7 @@ changed. Everything a plan names is checked before anything is applied (plan_val
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,25 +16,8 @@ from executor_svc.attention import AttentionMetadata, ForwardContext
 from executor_svc.kv_cache import KVCache
 from executor_svc.models.base import CausalLM
 from executor_svc.sampler import Sampler, SamplingRow
-from scheduler_svc.plan import (
-    Sample,
-    SequenceResult,
-    SequenceStart,
-    SequenceWork,
-    StepPlan,
-    StepResult,
-)
-from scheduler_svc.plan_validation import validate_plan
-
-
-@dataclass(slots=True)
-class SequenceState:
-    """What the executor remembers about one sequence between steps."""
-
-    start: SequenceStart
-    sample_index: int
-    token_ids: list[int] = field(default_factory=list)   # tokens whose K/V are cached
-    block_table: list[int] = field(default_factory=list)
+from scheduler_svc.plan import Sample, SequenceResult, SequenceWork, StepPlan, StepResult
+from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +38,7 @@ class ModelRunner:
         self.sampler = sampler or Sampler()
         self.device = kv_cache.device
         self.block_size = kv_cache.shape.block_size
-        self.seqs: dict[int, SequenceState] = {}
+        self.seqs = SequenceRegistry()
 
     def reset(self) -> None:
         """Forget every sequence."""
@@ -63,13 +46,9 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Apply one plan: forks, swap out, swap in, copy, forward and sample, forget."""
-        known = {seq_id: (len(s.token_ids), len(s.block_table)) for seq_id, s in self.seqs.items()}
         cache = self.kv_cache
-        validate_plan(plan, known, self.block_size, cache.num_gpu_blocks, cache.num_cpu_blocks)
-        for fork in plan.forks:
-            parent = self.seqs[fork.parent_seq_id]
-            self.seqs[fork.child_seq_id] = SequenceState(parent.start, fork.sample_index,
-                                                         parent.token_ids.copy(), parent.block_table.copy())
+        self.seqs.validate(plan, self.block_size, cache.num_gpu_blocks, cache.num_cpu_blocks)
+        self.seqs.apply_forks(plan.forks)
         swap_start = time.perf_counter()
         self.kv_cache.swap_out(plan.swap_out)
         self.kv_cache.swap_in(plan.swap_in)
@@ -78,8 +57,7 @@ class ModelRunner:
         forward_start = time.perf_counter()
         results = self._forward(plan.sequences) if plan.sequences else ()
         forward_seconds = time.perf_counter() - forward_start
-        for seq_id in plan.forget_seq_ids:
-            del self.seqs[seq_id]
+        self.seqs.forget(plan.forget_seq_ids)
         return StepResult(plan.step_id, results, forward_seconds=forward_seconds, swap_seconds=swap_seconds)
 
     def _prepare(self, works: list[SequenceWork]) -> _Batch:
@@ -87,12 +65,7 @@ class ModelRunner:
         input_ids: list[int] = []
         starts, lengths, tables, last_token = [], [], [], []
         for work in works:
-            if work.start is not None:
-                state = self.seqs[work.seq_id] = SequenceState(work.start, work.start.sample_index)
-            else:
-                state = self.seqs[work.seq_id]
-            state.block_table[work.block_table_start:] = work.block_ids
-            state.token_ids.extend(work.token_ids)
+            state = self.seqs.begin_work(work)
             input_ids.extend(work.token_ids)
             starts.append(work.start_position)
             lengths.append(len(work.token_ids))

@@ -553,7 +553,7 @@ class Scheduler:
         return SchedulerStats(
             num_running=sum(1 for g in self.running if not g.is_finished), num_waiting=len(self.waiting),
             num_swapped=len(self.swapped),
-            num_running_seqs=sum(len(g.unfinished_seqs()) for g in self.running if not g.is_finished),
+            num_running_seqs=sum(g.num_unfinished for g in self.running if not g.is_finished),
             gpu_blocks_used=bm.gpu.num_used, gpu_blocks_total=bm.gpu.num_blocks,
             cpu_blocks_used=bm.cpu.num_used, cpu_blocks_total=bm.cpu.num_blocks,
             num_preemptions_swap=self.num_preemptions[PreemptionPolicy.SWAP],

@@ -22,7 +22,7 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
-from scheduler_svc.plan_validation import validate_plan
+from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
 
 _MASK = (1 << 64) - 1
 _EMPTY = -1
@@ -41,14 +41,6 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-@dataclass(slots=True)
-class _SimSequence:
-    start: SequenceStart
-    sample_index: int
-    history: list[int] = field(default_factory=list)   # tokens whose K/V were written
-    table: list[int] = field(default_factory=list)
-
-
 class SimulatedExecutor:
     """Executes step plans on token-level GPU and CPU pools (see the module docstring)."""
 
@@ -63,7 +55,7 @@ class SimulatedExecutor:
         self.eos_token_id = eos_token_id
         self._eos_threshold = int(eos_probability * (1 << 32))
         self.verify = verify
-        self.seqs: dict[int, _SimSequence] = {}
+        self.seqs = SequenceRegistry()
         self.steps = 0
         self.blocks_swapped = 0
         self.blocks_copied = 0
@@ -72,24 +64,19 @@ class SimulatedExecutor:
         """Check the whole plan, then apply it in the documented order and return its samples."""
         self.validate(plan)
         self.steps += 1
-        for fork in plan.forks:
-            parent = self.seqs[fork.parent_seq_id]
-            self.seqs[fork.child_seq_id] = _SimSequence(parent.start, fork.sample_index,
-                                                        parent.history.copy(), parent.table.copy())
+        self.seqs.apply_forks(plan.forks)
         self._move_blocks(plan.swap_out, self.gpu, self.cpu, poison_src=True)
         self._move_blocks(plan.swap_in, self.cpu, self.gpu, poison_src=False)
         self._move_blocks(plan.copy, self.gpu, self.gpu, poison_src=False)
         self.blocks_swapped += len(plan.swap_out) + len(plan.swap_in)
         self.blocks_copied += len(plan.copy)
         results = tuple(self._run(work) for work in plan.sequences)
-        for seq_id in plan.forget_seq_ids:
-            del self.seqs[seq_id]
+        self.seqs.forget(plan.forget_seq_ids)
         return StepResult(step_id=plan.step_id, sequences=tuple(r for r in results if r.samples))
 
     def validate(self, plan: StepPlan) -> None:
         """Raise MalformedPlanError if any part of the plan is malformed; changes nothing."""
-        known = {seq_id: (len(s.history), len(s.table)) for seq_id, s in self.seqs.items()}
-        validate_plan(plan, known, self.block_size, self.num_gpu_blocks, self.num_cpu_blocks)
+        self.seqs.validate(plan, self.block_size, self.num_gpu_blocks, self.num_cpu_blocks)
 
     def _move_blocks(self, pairs: list[tuple[int, int]], src: list[int], dst: list[int],
                      poison_src: bool) -> None:
@@ -100,17 +87,12 @@ class SimulatedExecutor:
                 src[s * bs:(s + 1) * bs] = [_EMPTY] * bs
 
     def _run(self, work: SequenceWork) -> SequenceResult:
-        if work.start is not None:
-            seq = self.seqs[work.seq_id] = _SimSequence(work.start, work.start.sample_index)
-        else:
-            seq = self.seqs[work.seq_id]
-        seq.table[work.block_table_start:] = work.block_ids
+        seq = self.seqs.begin_work(work)
         bs = self.block_size
-        table = seq.table
+        table = seq.block_table
         for i, token in enumerate(work.token_ids):
             position = work.start_position + i
             self.gpu[table[position // bs] * bs + position % bs] = token
-        seq.history.extend(work.token_ids)
         if not work.num_samples:
             return SequenceResult(work.seq_id, ())
         context = self._read_context(work.seq_id, seq)
@@ -118,21 +100,21 @@ class SimulatedExecutor:
                         for j in range(work.num_samples))
         return SequenceResult(work.seq_id, samples)
 
-    def _read_context(self, seq_id: int, seq: _SimSequence) -> list[int]:
+    def _read_context(self, seq_id: int, seq: SequenceState) -> list[int]:
         """Read the context back through the block table (all of it when verifying, else its tail)."""
         bs = self.block_size
-        gpu, table = self.gpu, seq.table
-        n = len(seq.history)
+        gpu, table = self.gpu, seq.block_table
+        n = len(seq.token_ids)
         first = 0 if self.verify else max(0, n - _CONTEXT_WINDOW)
         read = [gpu[table[p // bs] * bs + p % bs] for p in range(first, n)]
-        if read != seq.history[first:]:
-            bad = next(i for i, (a, b) in enumerate(zip(read, seq.history[first:], strict=True)) if a != b)
+        if read != seq.token_ids[first:]:
+            bad = next(i for i, (a, b) in enumerate(zip(read, seq.token_ids[first:], strict=True)) if a != b)
             raise SimulationError(f"seq {seq_id}: KV slot for position {first + bad} holds token "
-                                  f"{read[bad]}, expected {seq.history[first + bad]}")
+                                  f"{read[bad]}, expected {seq.token_ids[first + bad]}")
         return read
 
-    def _sample(self, seq: _SimSequence, stream: int, context: list[int], num_logprobs: int) -> Sample:
-        return self.next_token(context, len(seq.history), seq.start, stream, num_logprobs)
+    def _sample(self, seq: SequenceState, stream: int, context: list[int], num_logprobs: int) -> Sample:
+        return self.next_token(context, len(seq.token_ids), seq.start, stream, num_logprobs)
 
     def next_token(self, context: list[int], num_tokens: int, start: SequenceStart, stream: int,
                    num_logprobs: int) -> Sample:

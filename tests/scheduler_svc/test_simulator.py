@@ -56,11 +56,11 @@ def test_samples_are_a_function_of_seed_stream_and_context():
 def test_a_rejected_plan_changes_nothing():
     executor = SimulatedExecutor(8, 4, 4)
     prefill(executor, [0, 1])
-    histories = {k: v.history.copy() for k, v in executor.seqs.items()}
+    histories = {k: v.token_ids.copy() for k, v in executor.seqs.items()}
     before = (executor.gpu.copy(), executor.cpu.copy(), histories)
     bad = StepPlan(2, swap_out=[(0, 1)], copy=[(1, 2)],
                    sequences=[SequenceWork(1, [15], 5, 2, [], 1, 0), SequenceWork(7, [1], 0, 0, [3], 1, 0)])
     with pytest.raises(MalformedPlanError, match="unknown sequence 7"):
         executor.execute(bad)
-    after = (executor.gpu, executor.cpu, {k: v.history for k, v in executor.seqs.items()})
+    after = (executor.gpu, executor.cpu, {k: v.token_ids for k, v in executor.seqs.items()})
     assert after == before

@@ -1,0 +1,55 @@
+"""What an executor remembers about each sequence between steps, kept the same way by every backend.
+
+Plans only carry what changed: a sequence's sampling settings arrive once (`SequenceStart`), forks
+clone a parent, block tables arrive as deltas and token histories grow by the tokens computed. The
+registry applies those parts of a plan, and checks a whole plan against its state before any of it is
+applied (plan_validation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler_svc.plan import SequenceFork, SequenceStart, SequenceWork, StepPlan
+from scheduler_svc.plan_validation import validate_plan
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """One sequence as an executor knows it."""
+
+    start: SequenceStart
+    sample_index: int                                     # this sequence's random stream
+    token_ids: list[int] = field(default_factory=list)    # tokens whose K/V are cached
+    block_table: list[int] = field(default_factory=list)
+
+
+class SequenceRegistry(dict[int, SequenceState]):
+    """Sequence id -> state, with the plan operations that change it."""
+
+    def validate(self, plan: StepPlan, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        """Raise MalformedPlanError if the plan does not fit what is held; changes nothing."""
+        known = {seq_id: (len(s.token_ids), len(s.block_table)) for seq_id, s in self.items()}
+        validate_plan(plan, known, block_size, num_gpu_blocks, num_cpu_blocks)
+
+    def apply_forks(self, forks: list[SequenceFork]) -> None:
+        """Each child starts as a copy of its parent, with its own random stream."""
+        for fork in forks:
+            parent = self[fork.parent_seq_id]
+            self[fork.child_seq_id] = SequenceState(parent.start, fork.sample_index, parent.token_ids.copy(),
+                                                    parent.block_table.copy())
+
+    def begin_work(self, work: SequenceWork) -> SequenceState:
+        """Register or update the sequence for this step: table delta applied, history extended."""
+        if work.start is not None:
+            state = self[work.seq_id] = SequenceState(work.start, work.start.sample_index)
+        else:
+            state = self[work.seq_id]
+        state.block_table[work.block_table_start:] = work.block_ids
+        state.token_ids.extend(work.token_ids)
+        return state
+
+    def forget(self, seq_ids: list[int]) -> None:
+        """Drop finished, aborted and recomputed sequences."""
+        for seq_id in seq_ids:
+            del self[seq_id]
