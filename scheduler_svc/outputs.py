@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scheduler_svc.errors import RequestErrorKind
 from scheduler_svc.sequence import FinishReason
 
 # (logprob of the chosen token, top-k alternatives as (token id, logprob) best first)
@@ -27,6 +28,7 @@ class RequestOutput:
     """One report for one request. `finished` marks its single terminal report.
 
     `num_generated_tokens` (all sequences, for usage accounting) is filled in the terminal report.
+    A request that failed has `error` (what happened) and `error_kind` set on its terminal report.
     """
 
     request_id: str
@@ -35,3 +37,5 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     error: str | None = None
+    error_kind: RequestErrorKind | None = None
+    num_preemptions: int = 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from scheduler_svc.beam_search import select_beams
 from scheduler_svc.block_manager import AllocStatus, BlockManager
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError, PlanResultMismatchError
+from scheduler_svc.errors import InvalidArgumentError, PlanResultMismatchError, RequestErrorKind
 from scheduler_svc.outputs import CompletionOutput, RequestOutput
 from scheduler_svc.plan import Sample, SequenceFork, SequenceStart, SequenceWork, StepPlan, StepResult
 from scheduler_svc.sampling_params import SamplingParams
@@ -106,12 +106,16 @@ class Scheduler:
         group = self.groups.get(request_id)
         if group is None:
             return False
+        self._dequeue(group)
+        self._end_group(group, FinishReason.ABORTED)
+        return True
+
+    def _dequeue(self, group: SequenceGroup) -> None:
+        """Take a group out of the waiting or swapped queue (running groups leave at the next step)."""
         queues = {SequenceStatus.WAITING: self.waiting, SequenceStatus.SWAPPED: self.swapped}
         queue = queues.get(group.status)
         if queue is not None:
             queue.remove(group)
-        self._end_group(group, FinishReason.ABORTED)
-        return True
 
     def finish_sequence(self, seq: Sequence, reason: FinishReason, stop_reason: str | None = None) -> None:
         """Stop one sequence from outside (a stop string matched in the frontend's detokenizer)."""
@@ -331,16 +335,56 @@ class Scheduler:
                 seq.status = SequenceStatus.SWAPPED
             bisect.insort(self.swapped, group, key=_sort_key)
             return
+        self._drop_for_recompute(group, plan.forget_seq_ids)
+
+    def _drop_for_recompute(self, group: SequenceGroup, forget: list[int] | None) -> None:
+        """Free every block of a group and queue it to recompute its prompt and outputs.
+
+        Sequences the executors hold are added to `forget`; None when the executors hold nothing.
+        """
         self.block_manager.free_group(group)
         group.pending_copies = []
         group.status = SequenceStatus.WAITING
-        for seq in seqs:
+        for seq in group.unfinished_seqs():
             seq.status = SequenceStatus.WAITING
             seq.num_computed_tokens = 0
-            if seq.executor_table_len >= 0:      # a budget-starved chunk may never have been sent
-                plan.forget_seq_ids.append(seq.seq_id)
+            # A budget-starved chunk may never have been sent.
+            if forget is not None and seq.executor_table_len >= 0:
+                forget.append(seq.seq_id)
             seq.executor_table_len = -1
         bisect.insort(self.waiting, group, key=_sort_key)
+
+    # ---- executor loss ---------------------------------------------------------------------------
+
+    def requeue_after_executor_loss(self) -> int:
+        """The executors lost their state (one died; all restart their streams empty).
+
+        The plan in flight is dropped unanswered, and every running and swapped group goes back to
+        the waiting queue to recompute what it had: no token a request already has is lost, and
+        reproducible sampling (seed, token index) gives the same outputs again. Returns how many
+        groups were requeued.
+        """
+        self._in_flight = None
+        self._in_flight_seqs = []
+        self._pending_forks, self._pending_forget = [], []   # the executors start with no sequences
+        groups = [g for g in self.running if not g.is_finished] + self.swapped
+        self.running, self.swapped = [], []
+        for group in groups:
+            self._drop_for_recompute(group, None)
+        return len(groups)
+
+    def in_flight_request_ids(self) -> list[str]:
+        """Requests with a sequence in the plan now running on the executors."""
+        return list(dict.fromkeys(seq.group.request_id for seq in self._in_flight_seqs))
+
+    def fail_requests(self, request_ids: Iterable[str], kind: RequestErrorKind, message: str) -> None:
+        """End these live requests with an error report (unknown ids are skipped)."""
+        for request_id in list(request_ids):
+            group = self.groups.get(request_id)
+            if group is None:
+                continue
+            self._dequeue(group)
+            self._end_group(group, FinishReason.ERROR, message, kind)
 
     def _too_big_message(self, group: SequenceGroup) -> str:
         bm = self.block_manager
@@ -490,17 +534,18 @@ class Scheduler:
                 return True
         return False
 
-    def _end_group(self, group: SequenceGroup, reason: FinishReason, error: str | None = None) -> None:
+    def _end_group(self, group: SequenceGroup, reason: FinishReason, error: str | None = None,
+                   error_kind: RequestErrorKind | None = None) -> None:
         """End every unfinished sequence of a group with `reason` (abort, failure) and report it."""
         closing = []
         for seq in group.unfinished_seqs():
             self._finish_seq(seq, reason, None)
             closing.append(self._closing_output(seq))
-        group.error = error
+        group.error, group.error_kind = error, error_kind
         self._complete_group(group, closing, reason)
 
     def _fail(self, group: SequenceGroup, message: str) -> None:
-        self._end_group(group, FinishReason.ERROR, message)
+        self._end_group(group, FinishReason.ERROR, message, RequestErrorKind.TOO_LARGE)
 
     @staticmethod
     def _closing_output(seq: Sequence) -> CompletionOutput:
@@ -543,7 +588,9 @@ class Scheduler:
         generated = sum(s.output_len for s in group.seqs) if finished else 0
         self._outputs.append(RequestOutput(request_id=group.request_id, outputs=outputs, finished=finished,
                                            num_prompt_tokens=group.prompt_len,
-                                           num_generated_tokens=generated, error=group.error))
+                                           num_generated_tokens=generated, error=group.error,
+                                           error_kind=group.error_kind,
+                                           num_preemptions=group.num_preemptions))
 
     # ---- introspection ---------------------------------------------------------------------------
 

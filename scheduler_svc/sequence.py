@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from scheduler_svc.errors import RequestErrorKind
 from scheduler_svc.sampling_params import SamplingParams
 
 
@@ -115,6 +116,7 @@ class SequenceGroup:
     needs_fork: bool = True
     hypotheses: list[BeamHypothesis] = field(default_factory=list)
     error: str | None = None
+    error_kind: RequestErrorKind | None = None
     # Reserving modes: block tables held for sequences to come (forks) or returned by finished ones.
     reserved_tables: list[list[int]] = field(default_factory=list)
     # Copy-on-fork pairs of reserving modes, sent with this group's next scheduled step.

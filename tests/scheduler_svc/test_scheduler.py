@@ -322,3 +322,56 @@ def test_stats_report_queues_blocks_and_utilization():
     assert (stats.num_running, stats.num_waiting, stats.num_swapped) == (1, 1, 0)
     assert stats.gpu_blocks_used == 2 and stats.gpu_blocks_total == 64
     assert stats.kv_utilization == pytest.approx(6 / 8)
+
+
+# ---- executor loss ------------------------------------------------------------------------------
+
+def _loss_workload(h: Harness) -> None:
+    h.scheduler.add_request("single", prompt(7), SamplingParams(max_tokens=30, ignore_eos=True, seed=1))
+    h.scheduler.add_request("pair", prompt(9, 20), SamplingParams(n=2, max_tokens=25, ignore_eos=True,
+                                                                  temperature=1.0, seed=2))
+    h.scheduler.add_request("beams", prompt(6, 30), SamplingParams(beam_width=3, n=2, temperature=0.0,
+                                                                   max_tokens=12, seed=3))
+    h.scheduler.add_request("late", prompt(5, 40), SamplingParams(max_tokens=20, ignore_eos=True, seed=4))
+
+
+@pytest.mark.parametrize("lost_at_step", [1, 3, 8, 15])
+def test_executor_loss_requeues_everything_and_outputs_do_not_change(lost_at_step):
+    reference = Harness(num_gpu_blocks=24, num_cpu_blocks=32)
+    _loss_workload(reference)
+    expected = reference.run()
+
+    h = Harness(num_gpu_blocks=24, num_cpu_blocks=32)
+    _loss_workload(h)
+    for _ in range(lost_at_step):
+        h.step()
+    plan = h.scheduler.schedule()         # this step is in flight when the executor dies
+    assert not plan.is_empty
+    requeued = h.scheduler.requeue_after_executor_loss()
+    assert requeued >= 1 and not h.scheduler.running and not h.scheduler.swapped
+    assert h.scheduler.block_manager.gpu.num_used == 0 and h.scheduler.block_manager.cpu.num_used == 0
+    h.scheduler.check_integrity()
+    h.executor = type(h.executor)(24, 32, 4, vocab_size=100, eos_token_id=EOS)   # restarted, empty
+    done = h.run()
+    def outputs(requests):
+        return {k: (v.token_ids, v.finish_reasons, v.error) for k, v in requests.items()}
+    assert outputs(done) == outputs(expected)
+
+
+def test_fail_requests_ends_them_with_an_error_kind_and_frees_their_blocks():
+    from scheduler_svc.errors import RequestErrorKind
+
+    s = scheduler(max_num_seqs=1)
+    s.add_request("a", prompt(6), SamplingParams())
+    s.add_request("b", prompt(5), SamplingParams())
+    plan = s.schedule()
+    assert s.in_flight_request_ids() == ["a"]
+    s.requeue_after_executor_loss()
+    s.fail_requests(["a", "b", "unknown"], RequestErrorKind.UNAVAILABLE, "no executor")
+    outputs = s.pop_outputs()
+    assert [(o.request_id, o.error_kind) for o in outputs] == [("a", RequestErrorKind.UNAVAILABLE),
+                                                               ("b", RequestErrorKind.UNAVAILABLE)]
+    assert all(o.finished and o.error == "no executor" for o in outputs)
+    assert s.block_manager.gpu.num_used == 0 and not s.has_unfinished
+    assert plan.step_id < s.schedule().step_id
+    s.check_integrity()
