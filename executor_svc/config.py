@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduler_svc.config_sources import add_config_arguments, config_from_sources
+from scheduler_svc.default_model import default_model_dir
 from scheduler_svc.errors import InvalidArgumentError
 
 ENV_PREFIX = "PAGEDSERVE_EXECUTOR_"
@@ -31,6 +32,7 @@ class ExecutorConfig:
 
     host: str = "127.0.0.1"
     port: int = 50061
+    metrics_port: int = 0           # Prometheus /metrics; 0: a free ephemeral port, -1: no metrics server
     backend: Backend = Backend.MODEL
     model: str = ""
     served_model_name: str = ""
@@ -49,11 +51,13 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        _check(-1 <= self.metrics_port < 65536, "metrics_port",
+               f"must be in [0, 65535], or -1 for no metrics server, got {self.metrics_port}")
         _check(0 <= self.rank < self.world_size, "rank", f"must be in [0, world_size={self.world_size})")
         _check(self.max_model_len == 0 or self.max_model_len >= 2, "max_model_len",
                "must be at least 2 (0 takes the model's own limit)")
-        if self.backend is Backend.MODEL:
-            _check(bool(self.model), "model", "give the path of a local Hugging Face model directory")
+        if self.backend is Backend.MODEL and not self.model:
+            object.__setattr__(self, "model", default_model_dir())    # the embedded default model
         _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype",
                f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",

@@ -2,7 +2,8 @@
 
 Backend calls run on one worker thread so the event loop keeps answering health checks while a step
 computes; steps of the Execute stream run strictly in order. A plan the backend rejects is answered
-with an error result for that step, and the stream goes on.
+with an error result for that step, and the stream goes on. Every step and the KV cache size are
+recorded in ExecutorMetrics, served at `/metrics` for Prometheus.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from grpc_reflection.v1alpha import reflection
 
 from executor_svc.backend import ExecutorBackend
 from executor_svc.config import ExecutorConfig
+from executor_svc.metrics import ExecutorMetrics
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
+from scheduler_svc.metrics_http import metrics_url, start_metrics_server
 from scheduler_svc.plan import MalformedPlanError
 from scheduler_svc.plan_codec import error_result, plan_from_proto, result_to_proto
 
@@ -34,8 +37,9 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     """Describe, InitCache and the Execute stream over one backend; one scheduler at a time."""
 
-    def __init__(self, backend: ExecutorBackend) -> None:
+    def __init__(self, backend: ExecutorBackend, metrics: ExecutorMetrics | None = None) -> None:
         self._backend = backend
+        self._metrics = metrics if metrics is not None else ExecutorMetrics()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-step")
         self._stream_open = False
 
@@ -64,6 +68,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                                       request.swap_space_bytes, request.max_num_batched_tokens)
         log.info("KV cache: %d GPU blocks, %d CPU blocks of %d tokens", cache.num_gpu_blocks,
                  cache.num_cpu_blocks, size)
+        self._metrics.record_cache(cache.num_gpu_blocks, cache.num_cpu_blocks)
         return pb.InitCacheResponse(**dataclasses.asdict(cache))
 
     async def Execute(self, request_iterator: AsyncIterator[pb.StepPlan],
@@ -85,13 +90,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     def _step(self, msg: pb.StepPlan) -> pb.StepResult:
         """Decode and run one plan on the worker thread; any failure becomes that step's error."""
         try:
-            return result_to_proto(self._backend.execute(plan_from_proto(msg)))
+            plan = plan_from_proto(msg)
+            result = self._backend.execute(plan)
+            answer = result_to_proto(result)
         except (MalformedPlanError, ValueError) as err:
             log.warning("step %d rejected: %s", msg.step_id, err)
+            self._metrics.record_step_error()
             return error_result(msg.step_id, f"malformed plan: {err}")
         except Exception as err:
             log.exception("step %d failed", msg.step_id)
+            self._metrics.record_step_error()
             return error_result(msg.step_id, f"executor failure: {err!r}")
+        self._metrics.record_step(plan, result)
+        return answer
 
 
 def _message_options(config: ExecutorConfig) -> list[tuple[str, int]]:
@@ -100,10 +111,14 @@ def _message_options(config: ExecutorConfig) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", config.max_message_bytes)]
 
 
-async def start_server(config: ExecutorConfig, backend: ExecutorBackend) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the port it bound (useful with port 0)."""
+async def start_server(config: ExecutorConfig, backend: ExecutorBackend,
+                       metrics: ExecutorMetrics | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the port it bound (useful with port 0).
+
+    Steps are recorded in `metrics` (a private set when None); serving them over HTTP is serve()'s job.
+    """
     server = grpc.aio.server(options=_message_options(config))
-    executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(backend), server)
+    executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(backend, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -117,8 +132,16 @@ async def start_server(config: ExecutorConfig, backend: ExecutorBackend) -> tupl
 
 
 async def serve(config: ExecutorConfig, backend: ExecutorBackend) -> None:
-    """Serve until SIGTERM or SIGINT, then stop within a short grace period."""
-    server, port = await start_server(config, backend)
+    """Serve until SIGTERM or SIGINT, then stop within a short grace period.
+
+    The metrics server starts (and logs its URL) before the gRPC server, so by the time `listening on`
+    is logged, everything is up.
+    """
+    metrics = ExecutorMetrics(rank=config.rank)
+    if config.metrics_port >= 0:
+        metrics_port = start_metrics_server(metrics.registry, config.host, config.metrics_port)
+        log.info("metrics on %s", metrics_url(config.host, metrics_port))
+    server, port = await start_server(config, backend, metrics)
     log.info("pagedserve-executor listening on %s:%d (backend %s, rank %d/%d)", config.host, port,
              config.backend.value, config.rank, config.world_size)
     stop = asyncio.Event()

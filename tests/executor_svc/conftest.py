@@ -14,15 +14,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on (\S+:\d+)")
+METRICS = re.compile(r"metrics on http://(\S+:\d+)/metrics")
 
 
 class ExecutorProcess:
-    """A running executor process and the address it listens on."""
+    """A running executor process, the address it listens on and where it serves `/metrics`.
+
+    `metrics_address` (host:port) is None when the executor runs without a metrics server.
+    """
 
     def __init__(self, *flags: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen([sys.executable, "-m", "executor_svc", "--port", "0", *flags],
                                      stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        self.metrics_address: str | None = None
         self.address = self._wait_for_address(timeout=30.0)
 
     def _wait_for_address(self, timeout: float) -> str:
@@ -34,6 +39,9 @@ class ExecutorProcess:
             if not line:
                 break
             lines.append(line)
+            metrics = METRICS.search(line)      # logged before `listening on`, when enabled
+            if metrics:
+                self.metrics_address = metrics.group(1)
             match = LISTENING.search(line)
             if match:
                 return match.group(1)

@@ -1,0 +1,93 @@
+"""One executor rank's Prometheus metrics: steps, forward and swap time, tokens and block movements.
+
+The gRPC servicer records each step after the backend ran it; `scheduler_svc.metrics_http` serves the
+registry. Torch-free: it reads only the plan and result dataclasses.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from scheduler_svc.plan import StepPlan, StepResult
+
+# Seconds. A forward pass ranges from sub-millisecond (tiny models, the simulated backend) to seconds
+# (big prefills); a step's swaps and copies are usually far shorter.
+FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                   5.0, 10.0)
+SWAP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ExecutorMetrics:
+    """One executor rank's metrics, in a CollectorRegistry of their own (`self.registry`).
+
+    Every series carries the label `rank` (this rank's place in its tensor-parallel group): each rank is
+    scraped as its own target, but its `instance` (host:port) changes with ephemeral ports, while the
+    rank says which shard of the model a series belongs to.
+
+    Histograms (seconds):
+      pagedserve_executor_forward_seconds   forward pass + sampling, per step with a forward batch
+      pagedserve_executor_swap_seconds      swaps and copy-on-write copies, per step that moved blocks
+    Counters:
+      pagedserve_executor_steps_total                   plans answered, failed ones included
+      pagedserve_executor_step_errors_total             plans answered with an error (malformed, failed)
+      pagedserve_executor_tokens_total                  tokens whose K/V the forward passes computed
+      pagedserve_executor_blocks_swapped_total{direction="out"|"in"}   GPU -> CPU, CPU -> GPU
+      pagedserve_executor_blocks_copied_total           copy-on-write block copies
+    Gauges:
+      pagedserve_executor_gpu_kv_blocks     GPU KV blocks allocated (0 before InitCache)
+      pagedserve_executor_cpu_kv_blocks     CPU swap blocks allocated
+
+    A failed step counts only in the two step counters: it moved no blocks and computed no tokens
+    (backends check a plan whole before changing anything).
+    """
+
+    def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        label = {"rank": str(rank)}
+        r = self.registry
+        self.forward_seconds = Histogram("pagedserve_executor_forward_seconds",
+                                         "Forward pass and sampling time per step.", ["rank"],
+                                         buckets=FORWARD_BUCKETS, registry=r).labels(**label)
+        self.swap_seconds = Histogram("pagedserve_executor_swap_seconds",
+                                      "Swap and copy-on-write time per step that moved blocks.", ["rank"],
+                                      buckets=SWAP_BUCKETS, registry=r).labels(**label)
+        self.steps = Counter("pagedserve_executor_steps_total", "Step plans answered, failed ones included.",
+                             ["rank"], registry=r).labels(**label)
+        self.step_errors = Counter("pagedserve_executor_step_errors_total",
+                                   "Step plans answered with an error.", ["rank"], registry=r).labels(**label)
+        self.tokens = Counter("pagedserve_executor_tokens_total", "Tokens computed by forward passes.",
+                              ["rank"], registry=r).labels(**label)
+        swapped = Counter("pagedserve_executor_blocks_swapped_total",
+                          "KV blocks swapped between GPU and CPU, by direction.", ["rank", "direction"],
+                          registry=r)
+        self.blocks_swapped_out = swapped.labels(direction="out", **label)
+        self.blocks_swapped_in = swapped.labels(direction="in", **label)
+        self.blocks_copied = Counter("pagedserve_executor_blocks_copied_total",
+                                     "KV blocks copied for copy-on-write.", ["rank"],
+                                     registry=r).labels(**label)
+        self.gpu_kv_blocks = Gauge("pagedserve_executor_gpu_kv_blocks", "GPU KV blocks allocated.", ["rank"],
+                                   registry=r).labels(**label)
+        self.cpu_kv_blocks = Gauge("pagedserve_executor_cpu_kv_blocks", "CPU swap blocks allocated.",
+                                   ["rank"], registry=r).labels(**label)
+
+    def record_step(self, plan: StepPlan, result: StepResult) -> None:
+        """A step the backend ran: its timings, the tokens it computed and the blocks it moved."""
+        self.steps.inc()
+        if plan.sequences:
+            self.forward_seconds.observe(result.forward_seconds)
+            self.tokens.inc(plan.num_batched_tokens)
+        if plan.swap_out or plan.swap_in or plan.copy:
+            self.swap_seconds.observe(result.swap_seconds)
+            self.blocks_swapped_out.inc(len(plan.swap_out))
+            self.blocks_swapped_in.inc(len(plan.swap_in))
+            self.blocks_copied.inc(len(plan.copy))
+
+    def record_step_error(self) -> None:
+        """A step answered with an error (a plan that did not decode, was malformed, or failed)."""
+        self.steps.inc()
+        self.step_errors.inc()
+
+    def record_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        """The KV cache InitCache allocated."""
+        self.gpu_kv_blocks.set(num_gpu_blocks)
+        self.cpu_kv_blocks.set(num_cpu_blocks)
