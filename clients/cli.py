@@ -5,20 +5,43 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Protocol
 
-from clients import simulate_command
+from clients import generate_command, healthcheck_command, info_command, serve_command, simulate_command
+from clients.client import PagedServeError
 from scheduler_svc.errors import InvalidArgumentError
+
+
+class Command(Protocol):
+    """A subcommand module: its docstring is the description, and it defines these two functions."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Adds the subcommand's flags."""
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Runs it; returns the exit status."""
+
+
+# Subcommand name -> (module, one-line help). A new subcommand is one more entry here.
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "serve": (serve_command, "start a scheduler and its executors here and serve until interrupted"),
+    "simulate": (simulate_command,
+                 "run the scheduler on a synthetic trace against the simulated executor (no GPU)"),
+    "generate": (generate_command, "stream a completion of one prompt from a running server"),
+    "info": (info_command, "describe the served model and its KV cache"),
+    "healthcheck": (healthcheck_command, "exit 0 when the server is SERVING (for docker HEALTHCHECK)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `pagedserve` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="pagedserve", description="PagedAttention LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    simulate = commands.add_parser(
-        "simulate", help="run the scheduler on a synthetic trace against the simulated executor (no GPU)",
-        description=simulate_command.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    simulate_command.add_arguments(simulate)
-    simulate.set_defaults(handler=simulate_command.run)
+    for name, (module, help_text) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text, description=module.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(handler=module.run)
     return parser
 
 
@@ -30,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidArgumentError as err:
         print(f"pagedserve {args.command}: invalid {err}", file=sys.stderr)
         return 2
+    except PagedServeError as err:
+        print(f"pagedserve {args.command}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

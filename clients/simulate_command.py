@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="verify KV contents and block accounting every step (slower)")
     parser.add_argument("--json", type=Path, help="also write the reports as JSON here")
-    SchedulerConfig.add_arguments(parser)
+    SchedulerConfig.add_arguments(parser, serving=False)
 
 
 def build_requests(args: argparse.Namespace) -> list[SimulatedRequest]:

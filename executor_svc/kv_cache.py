@@ -57,10 +57,12 @@ class KVCache:
                  device: torch.device) -> None:
         self.shape = shape
         self.device = device
-        self.gpu = torch.zeros(shape.pool_shape(num_gpu_blocks), dtype=shape.dtype, device=device)
+        # Uninitialised on purpose: attention reads only slots a sequence has written, and on the CPU
+        # untouched pages cost nothing, so a large swap space allocates in milliseconds.
+        self.gpu = torch.empty(shape.pool_shape(num_gpu_blocks), dtype=shape.dtype, device=device)
         # Pinned host memory lets device<->host copies run asynchronously at full PCIe speed.
         pin = device.type == "cuda"
-        self.cpu = torch.zeros(shape.pool_shape(num_cpu_blocks), dtype=shape.dtype, device="cpu",
+        self.cpu = torch.empty(shape.pool_shape(num_cpu_blocks), dtype=shape.dtype, device="cpu",
                                pin_memory=pin)
         self.transfers = 0      # copy operations issued by swaps, for tests and metrics
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduler_svc.config_sources import add_config_arguments, config_from_sources
+from scheduler_svc.default_model import default_model_dir
 from scheduler_svc.errors import InvalidArgumentError
 
 ENV_PREFIX = "PAGEDSERVE_"
@@ -63,6 +64,21 @@ class SchedulerConfig:
     watermark: float = 0.01
     gpu_memory_utilization: float = 0.9
     swap_space_bytes: int = 4 * 2**30
+    # ---- serving (the frontend and the engine; unused by the pure scheduler and `simulate`) ----
+    host: str = "127.0.0.1"
+    port: int = 50051
+    executor_addresses: str = "127.0.0.1:50061"
+    model: str = ""
+    served_model_name: str = ""
+    max_waiting_requests: int = 4096
+    max_request_bytes: int = 4 * 2**20
+    executor_grace_seconds: float = 60.0
+    startup_timeout_seconds: float = 600.0
+    shutdown_grace_seconds: float = 30.0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    auth_token: str = ""
+    metrics_port: int = 9400
 
     def __post_init__(self) -> None:
         # Any power of two works for scheduling; the executor checks what its kernels support.
@@ -78,6 +94,35 @@ class SchedulerConfig:
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                f"must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.swap_space_bytes >= 0, "swap_space_bytes", "must be >= 0")
+        self._check_serving()
+
+    def _check_serving(self) -> None:
+        if not self.model:
+            object.__setattr__(self, "model", default_model_dir())    # the embedded default model
+        _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        _check(-1 <= self.metrics_port < 65536, "metrics_port",
+               f"must be in [0, 65535], or -1 for no metrics server, got {self.metrics_port}")
+        _check(bool(self.executor_list), "executor_addresses", "give at least one executor as host:port")
+        for address in self.executor_list:
+            host, _, port = address.rpartition(":")
+            _check(bool(host) and port.isdigit(), "executor_addresses",
+                   f"each executor must be host:port, got {address!r}")
+        _check(self.max_waiting_requests >= 1, "max_waiting_requests", "must be at least 1")
+        _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1024")
+        for name in ("executor_grace_seconds", "startup_timeout_seconds", "shutdown_grace_seconds"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_cert_file",
+               "TLS needs both tls_cert_file and tls_key_file")
+
+    @property
+    def executor_list(self) -> tuple[str, ...]:
+        """The executor ranks' host:port addresses, in rank order (`executor_addresses` split at commas)."""
+        return tuple(a.strip() for a in self.executor_addresses.split(",") if a.strip())
+
+    @property
+    def address(self) -> str:
+        """host:port the frontend listens on."""
+        return f"{self.host}:{self.port}"
 
     def check_model_len(self, max_model_len: int) -> None:
         """Check that a prompt of `max_model_len` tokens can be scheduled under these budgets."""
@@ -87,15 +132,24 @@ class SchedulerConfig:
                f"got {self.max_num_batched_tokens}")
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add one `--flag` per field; each defaults to `PAGEDSERVE_<FIELD>` from the environment."""
-        add_config_arguments(parser, cls, ENV_PREFIX, "scheduling")
+    def add_arguments(cls, parser: argparse.ArgumentParser, serving: bool = True) -> None:
+        """Add one `--flag` per field; each defaults to `PAGEDSERVE_<FIELD>` from the environment.
+
+        `serving=False` leaves out the frontend and engine fields (for the offline simulation).
+        """
+        add_config_arguments(parser, cls, ENV_PREFIX, "scheduling",
+                             exclude=() if serving else SERVING_FIELDS)
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace | None = None,
                      environ: Mapping[str, str] | None = None) -> SchedulerConfig:
         """Build the config: a CLI flag wins over `PAGEDSERVE_*` environment, which wins over defaults."""
         return config_from_sources(cls, args, environ, ENV_PREFIX, int_fields=("max_model_len",))
+
+
+SERVING_FIELDS = ("host", "port", "executor_addresses", "model", "served_model_name", "max_waiting_requests",
+                  "max_request_bytes", "executor_grace_seconds", "startup_timeout_seconds",
+                  "shutdown_grace_seconds", "tls_cert_file", "tls_key_file", "auth_token", "metrics_port")
 
 
 def _check(condition: bool, name: str, message: str) -> None:

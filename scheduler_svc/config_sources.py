@@ -20,10 +20,13 @@ from scheduler_svc.errors import InvalidArgumentError
 T = TypeVar("T")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str, title: str) -> None:
-    """Add one flag per field of `cls`, documented with its environment variable and default."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str, title: str,
+                         exclude: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of `cls` (but `exclude`), documented with its environment variable."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         shown = default.value if isinstance(default, enum.Enum) else default

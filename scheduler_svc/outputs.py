@@ -39,3 +39,5 @@ class RequestOutput:
     error: str | None = None
     error_kind: RequestErrorKind | None = None
     num_preemptions: int = 0
+    # Seconds from arrival to first scheduling; None if the request never ran.
+    queue_seconds: float | None = None

@@ -590,7 +590,8 @@ class Scheduler:
                                            num_prompt_tokens=group.prompt_len,
                                            num_generated_tokens=generated, error=group.error,
                                            error_kind=group.error_kind,
-                                           num_preemptions=group.num_preemptions))
+                                           num_preemptions=group.num_preemptions,
+                                           queue_seconds=_queue_seconds(group) if finished else None))
 
     # ---- introspection ---------------------------------------------------------------------------
 
@@ -620,6 +621,12 @@ class Scheduler:
         assert sum(len(q) for q in queues.values()) == len(live), "a live group is in no queue, or in two"
         for group in live:
             assert group.num_unfinished == len(group.unfinished_seqs()), f"{group.request_id}: count drifted"
+
+
+def _queue_seconds(group: SequenceGroup) -> float | None:
+    if group.first_scheduled_time is None:
+        return None
+    return group.first_scheduled_time - group.arrival_time
 
 
 def _sort_key(group: SequenceGroup) -> tuple[int, int]:

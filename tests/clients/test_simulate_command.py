@@ -1,10 +1,9 @@
-"""`pagedserve simulate` and `pagedserve-scheduler` run end to end on CPU and print their tables."""
+"""`pagedserve simulate` runs end to end on CPU and prints its tables."""
 
 import json
 
 from clients.cli import main as pagedserve
 from clients.tables import markdown_table
-from scheduler_svc.__main__ import main as pagedserve_scheduler
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -36,10 +35,10 @@ def test_simulate_with_parallel_sampling_and_beams(capsys):
     assert "paged" in table_rows(capsys.readouterr().out)
 
 
-def test_scheduler_alone_uses_its_configuration_from_environment(capsys, monkeypatch):
+def test_simulate_takes_the_configured_mode_from_environment(capsys, monkeypatch):
     monkeypatch.setenv("PAGEDSERVE_RESERVATION", "reserve-pow2")
     monkeypatch.setenv("PAGEDSERVE_BLOCK_SIZE", "32")
-    assert pagedserve_scheduler(["--num-requests", "20", "--kv-tokens", "8192"]) == 0
+    assert pagedserve(["simulate", "--modes", "config", "--num-requests", "20", "--kv-tokens", "8192"]) == 0
     captured = capsys.readouterr()
     assert list(table_rows(captured.out)) == ["reserve-pow2"]
     assert "blocks of 32 tokens" in captured.err

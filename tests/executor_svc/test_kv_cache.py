@@ -13,6 +13,7 @@ def filled_cache(num_gpu: int = 16, num_cpu: int = 16) -> KVCache:
     cache = KVCache(SHAPE, num_gpu, num_cpu, torch.device("cpu"))
     for b in range(num_gpu):
         cache.gpu[b] = b + 1          # each block holds its own id + 1 everywhere
+    cache.cpu.zero_()                 # pools start uninitialised; zero to see which blocks a copy wrote
     return cache
 
 

@@ -1,0 +1,129 @@
+"""Start a scheduler and its executors on this machine and serve until interrupted.
+
+With no flags it serves the embedded default model (a small Llama trained on the Python standard
+library) on the CPU at 127.0.0.1:50051. `--demo-prompt` streams one completion through the real gRPC
+API once the stack is up. Every scheduler flag (`pagedserve-scheduler --help`) and the executor's
+model flags are accepted; `--executors N` starts N ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.stack import LocalStack, free_port, stack_specs
+from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
+from executor_svc.config import ExecutorConfig
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config_sources import add_config_arguments, config_from_sources
+from scheduler_svc.errors import InvalidArgumentError
+
+# Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
+_LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model",
+                             "served_model_name", "max_model_len", "max_message_bytes")
+READY_TIMEOUT_SECONDS = 900.0
+log = logging.getLogger("pagedserve.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Launcher flags, every scheduler flag, and the executor's model and device flags."""
+    parser.add_argument("--executors", type=int, default=1, metavar="N",
+                        help="executor ranks to start (default 1)")
+    parser.add_argument("--demo-prompt", default=None, metavar="TEXT",
+                        help="once serving, stream a completion of TEXT to stdout")
+    parser.add_argument("--demo-max-tokens", type=int, default=64, help="tokens of the demo completion")
+    parser.add_argument("--no-restart-executors", dest="restart_executors", action="store_false",
+                        help="leave an executor that died down (by default it is restarted on its port)")
+    SchedulerConfig.add_arguments(parser)
+    add_config_arguments(parser, ExecutorConfig, EXECUTOR_ENV_PREFIX, "executor",
+                         exclude=(*_LAUNCHER_EXECUTOR_FIELDS, "executor_addresses"))
+
+
+def build_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, list[ExecutorConfig]]:
+    """The scheduler's config and one config per rank, validated, with ports chosen."""
+    if args.executors < 1:
+        raise InvalidArgumentError("executors", f"must be at least 1, got {args.executors}")
+    scheduler = SchedulerConfig.from_sources(args)
+    base = config_from_sources(ExecutorConfig, args, None, EXECUTOR_ENV_PREFIX)
+    ephemeral = scheduler.port == 0
+    executors = []
+    for rank in range(args.executors):
+        port = free_port(scheduler.host) if ephemeral else scheduler.port + 10 + rank
+        metrics_port = 0 if scheduler.metrics_port <= 0 else scheduler.metrics_port + 1 + rank
+        executors.append(dataclasses.replace(
+            base, host=scheduler.host, port=port, rank=rank, world_size=args.executors,
+            metrics_port=metrics_port, model=scheduler.model, served_model_name=scheduler.served_model_name))
+    addresses = ",".join(f"{c.host}:{c.port}" for c in executors)
+    return dataclasses.replace(scheduler, executor_addresses=addresses), executors
+
+
+def wait_serving(target: str, stack: LocalStack, timeout: float) -> None:
+    """Poll the scheduler's health until SERVING (raises TimeoutError or RuntimeError)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if stack.failed:
+                raise RuntimeError("the scheduler exited during startup; its log is above")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"the stack was not serving after {timeout:.0f} s")
+
+
+def run_demo(target: str, prompt: str, max_tokens: int, token: str) -> None:
+    """Stream one completion of `prompt` through the client library to stdout."""
+    from clients.client import PagedServeClient
+
+    print(f"\n--- completion of {prompt!r} (max_tokens={max_tokens}, greedy) ---", flush=True)
+    with PagedServeClient(target, token=token or None) as client:
+        sys.stdout.write(prompt)
+        for event in client.stream(prompt, max_tokens=max_tokens, temperature=0.0):
+            for choice in event.choices:
+                sys.stdout.write(choice.text)
+                sys.stdout.flush()
+    print("\n---", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the stack in the foreground until Ctrl-C or SIGTERM."""
+    scheduler, executors = build_configs(args)
+    if scheduler.tls_cert_file:
+        raise InvalidArgumentError("tls_cert_file", "the local launcher serves plain gRPC on loopback; "
+                                   "run pagedserve-scheduler directly for TLS")
+    stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors)
+    signal.signal(signal.SIGTERM, _interrupt)        # stop the children on SIGTERM as on Ctrl-C
+    stack.start()
+    code = 1
+    try:
+        address = stack.wait_listening("scheduler", timeout=120.0)
+        wait_serving(address, stack, READY_TIMEOUT_SECONDS)
+        print(f"pagedserve serve: serving on {address} with {len(executors)} executor(s); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        if args.demo_prompt:
+            run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler.auth_token)
+        while not stack.failed:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        code = 0
+    except (TimeoutError, RuntimeError) as err:
+        print(f"pagedserve serve: {err}", file=sys.stderr)
+    finally:
+        stopped = stack.stop()
+    return code if code else stopped
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,184 @@
+"""Start a scheduler and its executor ranks as local processes, the way docker-compose runs them.
+
+Each service is its console entry point (`python -m scheduler_svc`, `python -m executor_svc`)
+configured only through its environment (`PAGEDSERVE_*` for the scheduler, `PAGEDSERVE_EXECUTOR_*`
+for each rank), so what the launcher starts is what a compose file starts. The stack restarts an
+executor that dies on the same port, which lets the scheduler recover the live requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
+from executor_svc.config import ExecutorConfig
+from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
+from scheduler_svc.config import SchedulerConfig
+
+log = logging.getLogger("pagedserve.serve")
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+RESTART_DELAY_SECONDS = 1.0
+STOP_TIMEOUT_SECONDS = 60.0
+
+
+def config_environment(config: object, prefix: str) -> dict[str, str]:
+    """Every field of a config dataclass as `<prefix><FIELD>` environment variables."""
+    env = {}
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        if isinstance(value, enum.Enum):
+            value = value.value
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[prefix + f.name.upper()] = str(value)
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """One process to run: a name for its log lines, its command and its environment additions."""
+
+    name: str
+    command: tuple[str, ...]
+    environment: Mapping[str, str]
+
+
+def stack_specs(scheduler: SchedulerConfig, executors: list[ExecutorConfig]) -> list[ServiceSpec]:
+    """The executor ranks, then the scheduler, each configured purely by environment."""
+    specs = [ServiceSpec(f"executor-{c.rank}", (sys.executable, "-m", "executor_svc"),
+                         config_environment(c, EXECUTOR_ENV_PREFIX)) for c in executors]
+    specs.append(ServiceSpec("scheduler", (sys.executable, "-m", "scheduler_svc"),
+                             config_environment(scheduler, SCHEDULER_ENV_PREFIX)))
+    return specs
+
+
+def free_port(host: str) -> int:
+    """A port that is free on `host` now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(slots=True)
+class ManagedProcess:
+    """A running service whose stderr is forwarded line by line with its name in front."""
+
+    spec: ServiceSpec
+    proc: subprocess.Popen[str]
+    address: str | None = None
+    metrics_address: str | None = None
+    restarts: int = 0
+    listening: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalStack:
+    """Runs the services, forwards their logs, restarts dead executors, and stops everything."""
+
+    def __init__(self, specs: list[ServiceSpec], restart_executors: bool = True,
+                 base_environment: Mapping[str, str] | None = None) -> None:
+        self.specs = specs
+        self.restart_executors = restart_executors
+        self._base_env = dict(os.environ if base_environment is None else base_environment)
+        self.processes: dict[str, ManagedProcess] = {}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start every service (executors first) and a watcher that restarts dead executors."""
+        for spec in self.specs:
+            self._spawn(spec)
+        threading.Thread(target=self._watch, name="stack-watch", daemon=True).start()
+
+    def _spawn(self, spec: ServiceSpec, restarts: int = 0) -> ManagedProcess:
+        env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(spec.command, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        managed = ManagedProcess(spec, proc, restarts=restarts)
+        with self._lock:
+            self.processes[spec.name] = managed
+        threading.Thread(target=self._forward, args=(managed,), name=f"log-{spec.name}", daemon=True).start()
+        return managed
+
+    @staticmethod
+    def _forward(managed: ManagedProcess) -> None:
+        """Copy the child's stderr to ours, noting the addresses it reports."""
+        assert managed.proc.stderr is not None
+        for line in managed.proc.stderr:
+            if (match := LISTENING.search(line)) is not None:
+                managed.address = f"{match.group(1)}:{match.group(2)}"
+                managed.listening.set()
+            elif (match := METRICS.search(line)) is not None:
+                managed.metrics_address = f"{match.group(1)}:{match.group(2)}"
+            sys.stderr.write(f"[{managed.spec.name}] {line}")
+            sys.stderr.flush()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.2):
+            for name, managed in list(self.processes.items()):
+                code = managed.proc.poll()
+                if code is None or self._stopping.is_set():
+                    continue
+                if name.startswith("executor") and self.restart_executors:
+                    log.warning("%s exited with code %s; restarting it", name, code)
+                    time.sleep(RESTART_DELAY_SECONDS)
+                    if not self._stopping.is_set():
+                        self._spawn(managed.spec, managed.restarts + 1)
+                elif name == "scheduler":
+                    log.error("the scheduler exited with code %s", code)
+                    self._stopping.set()
+
+    def wait_listening(self, name: str, timeout: float) -> str:
+        """The address `name` listens on, once it says so (raises TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            managed = self.processes[name]
+            if managed.listening.wait(0.1):
+                assert managed.address is not None
+                return managed.address
+            if managed.proc.poll() is not None and name == "scheduler":
+                raise RuntimeError(f"{name} exited with code {managed.proc.returncode} before listening")
+        raise TimeoutError(f"{name} did not start listening within {timeout:.0f} s")
+
+    @property
+    def failed(self) -> bool:
+        """Whether the scheduler has exited on its own."""
+        scheduler = self.processes.get("scheduler")
+        return scheduler is not None and scheduler.proc.poll() is not None and not self._stopping.is_set()
+
+    def stop(self) -> int:
+        """SIGTERM the scheduler (it drains), then the executors; returns the scheduler's exit code."""
+        self._stopping.set()
+        order = ["scheduler"] + [n for n in self.processes if n != "scheduler"]
+        codes = {}
+        for name in order:
+            managed = self.processes.get(name)
+            if managed is None:
+                continue
+            codes[name] = _terminate(managed.proc)
+        return codes.get("scheduler") or 0
+
+
+def _terminate(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

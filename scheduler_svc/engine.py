@@ -1,0 +1,360 @@
+"""The engine loop: the scheduler driven against real executor ranks, one StepPlan per iteration.
+
+Startup: every rank answers Describe and InitCache; the scheduler takes the smallest block counts
+(DESIGN.md §5) and one Execute stream opens per rank. Each iteration then schedules, encodes the plan
+once, sends it to every rank, and, while the ranks compute, hands the previous step's reports to the
+request streams (detokenization, stop strings, client pushes). That overlap is safe because a
+sequence a stop string ends while its next step is in flight is simply skipped when that step's
+result arrives, exactly like an abort.
+
+When a rank fails (its stream breaks, it dies, or it rejects a plan), the engine reports NOT_SERVING,
+keeps every live request, drops the step in flight, and reconnects. Once every rank serves again the
+requests are recomputed from the tokens they had (DESIGN.md invariant 4). Past
+`executor_grace_seconds` they end with UNAVAILABLE, and new requests are refused until the ranks are
+back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pagedserve.v1 import executor_pb2 as pb
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
+from scheduler_svc.executor_link import ExecutorLink
+from scheduler_svc.metrics import SchedulerMetrics
+from scheduler_svc.outputs import RequestOutput
+from scheduler_svc.plan import StepPlan
+from scheduler_svc.plan_codec import plan_to_proto, result_from_proto
+from scheduler_svc.request_stream import RequestStream
+from scheduler_svc.sampling_params import SamplingParams
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.sequence import FinishReason
+from scheduler_svc.tokenizer import TokenTexts
+
+log = logging.getLogger("pagedserve.engine")
+RECONNECT_INTERVAL_SECONDS = 0.5
+
+
+class UnavailableError(RuntimeError):
+    """No executor serves: none is ready yet, or they were lost past the grace period."""
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting_requests` requests."""
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is draining and takes no new requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the executors serve and how much KV cache they hold (minimum over ranks)."""
+
+    model_name: str
+    max_model_len: int
+    block_size: int
+    num_gpu_blocks: int
+    num_cpu_blocks: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    world_size: int
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the GPU KV cache holds across all sequences."""
+        return self.num_gpu_blocks * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """Where one iteration's time went, in seconds."""
+
+    schedule: float
+    step: float            # plan sent to every rank until every result arrived
+    executor_forward: float
+    executor_swap: float
+
+
+class Engine:
+    """Owns the scheduler and the executor links; the frontend calls `submit`, `abort` and `model_info`."""
+
+    def __init__(self, config: SchedulerConfig, tokenizer: Any, metrics: SchedulerMetrics,
+                 on_serving_change: Callable[[bool], None] = lambda serving: None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self._token_texts = TokenTexts(tokenizer)
+        self._on_serving_change = on_serving_change
+        self.links = [ExecutorLink(address, rank)
+                      for rank, address in enumerate(config.executor_list)]
+        self.scheduler: Scheduler | None = None
+        self.info: ModelInfo | None = None
+        self.streams: dict[str, RequestStream] = {}
+        self.serving = False
+        self.unavailable_since: float | None = None     # when the ranks were lost, None while serving
+        self.draining = False
+        self.last_step: StepTiming | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pending: list[RequestOutput] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Handshake with every rank (waiting up to startup_timeout_seconds), then run the loop."""
+        deadline = time.monotonic() + self.config.startup_timeout_seconds
+        await self._handshake(deadline, first=True)
+        self._task = asyncio.create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        """Abort what is still live, stop the loop and close the links."""
+        for request_id in list(self.streams):
+            self.abort(request_id)
+        self._dispatch([])
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for link in self.links:
+            await link.close()
+
+    async def _handshake(self, deadline: float, first: bool) -> None:
+        """Wait for every rank to serve, size the KV cache, and open the Execute streams."""
+        for link in self.links:
+            while not await link.is_serving(timeout=2.0):
+                if time.monotonic() > deadline:
+                    raise UnavailableError(f"executor rank {link.rank} at {link.address} is not serving")
+                await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
+        described = [await link.describe() for link in self.links]
+        request = pb.InitCacheRequest(block_size=self.config.block_size,
+                                      gpu_memory_utilization=self.config.gpu_memory_utilization,
+                                      swap_space_bytes=self.config.swap_space_bytes,
+                                      max_num_batched_tokens=self._max_step_tokens())
+        caches = [await link.init_cache(request) for link in self.links]
+        num_gpu = min(c.num_gpu_blocks for c in caches)
+        num_cpu = min(c.num_cpu_blocks for c in caches)
+        if first:
+            self._build_scheduler(described, num_gpu, num_cpu)
+        elif self.info is not None and (num_gpu < self.info.num_gpu_blocks
+                                        or num_cpu < self.info.num_cpu_blocks):
+            raise UnavailableError(
+                f"the restarted executors hold {num_gpu} GPU / {num_cpu} CPU blocks, fewer than the "
+                f"{self.info.num_gpu_blocks} / {self.info.num_cpu_blocks} this scheduler started with")
+        for link in self.links:
+            link.open_stream()
+        self._set_serving(True)
+
+    def _max_step_tokens(self) -> int:
+        return self.config.max_num_batched_tokens + self.config.max_num_seqs
+
+    def _build_scheduler(self, described: list[pb.DescribeResponse], num_gpu: int, num_cpu: int) -> None:
+        head = described[0]
+        max_model_len = min(d.max_model_len for d in described)
+        if self.config.max_model_len is not None:
+            max_model_len = min(max_model_len, self.config.max_model_len)
+        self.scheduler = Scheduler(self.config, num_gpu, num_cpu, max_model_len,
+                                   eos_token_ids=head.eos_token_ids, vocab_size=head.vocab_size)
+        self.info = ModelInfo(model_name=self.config.served_model_name or head.model_name,
+                              max_model_len=max_model_len, block_size=self.config.block_size,
+                              num_gpu_blocks=num_gpu, num_cpu_blocks=num_cpu, vocab_size=head.vocab_size,
+                              eos_token_ids=tuple(head.eos_token_ids), world_size=len(self.links))
+        self.metrics.set_cache_info(num_gpu, num_cpu, self.config.block_size)
+        log.info("serving %s: %d GPU blocks (%d tokens), %d CPU blocks, max_model_len %d, %d rank(s)",
+                 self.info.model_name, num_gpu, self.info.kv_capacity_tokens, num_cpu, max_model_len,
+                 len(self.links))
+
+    def _set_serving(self, serving: bool) -> None:
+        self.serving = serving
+        self.unavailable_since = None if serving else time.monotonic()
+        self.metrics.set_executors(len(self.links) if serving else 0, len(self.links))
+        self._on_serving_change(serving)
+
+    # ---- requests --------------------------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               skip_special_tokens: bool = True) -> RequestStream:
+        """Queue a request; raises InvalidArgumentError, QueueFullError, UnavailableError or
+        ShuttingDownError, each before anything is queued."""
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; send the request to another replica")
+        scheduler = self.scheduler
+        if scheduler is None:
+            raise UnavailableError("no executor is serving yet; retry once health reports SERVING")
+        if self._grace_expired():
+            raise UnavailableError("no executor is serving: they were lost and have not come back")
+        if len(scheduler.waiting) >= self.config.max_waiting_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests); "
+                                 "retry later")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.streams:
+            raise InvalidArgumentError("request_id", f"{request_id!r} is already in use by a live request")
+        scheduler.add_request(request_id, prompt_token_ids, params)
+        stream = RequestStream(request_id, prompt_token_ids, params, self.tokenizer, self._token_texts,
+                               skip_special_tokens, self._stop_sequence)
+        self.streams[request_id] = stream
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a live request; its final update is queued at once. False when unknown."""
+        if self.scheduler is None or request_id not in self.streams:
+            return False
+        found = self.scheduler.abort(request_id)
+        self._dispatch(self.scheduler.pop_outputs())
+        return found
+
+    def _stop_sequence(self, request_id: str, index: int, stop_string: str) -> None:
+        """A stream matched a stop string: end that sequence in the scheduler."""
+        assert self.scheduler is not None
+        group = self.scheduler.groups.get(request_id)
+        if group is None:
+            return
+        for seq in group.seqs:
+            if seq.sample_index == index:
+                self.scheduler.finish_sequence(seq, FinishReason.STOP, stop_string)
+                return
+
+    def _grace_expired(self) -> bool:
+        since = self.unavailable_since
+        return since is not None and time.monotonic() - since > self.config.executor_grace_seconds
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Iterate while requests are live; sleep when idle; recover when a rank fails."""
+        assert self.scheduler is not None
+        scheduler = self.scheduler
+        while True:
+            if not scheduler.has_unfinished:
+                self._dispatch(self._take_pending())
+                self._record_stats()
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            started = time.perf_counter()
+            plan = scheduler.schedule()
+            schedule_seconds = time.perf_counter() - started
+            if plan.is_empty:
+                self._dispatch(self._take_pending())
+                await asyncio.sleep(0)
+                continue
+            try:
+                await self._step(plan, schedule_seconds)
+            except (grpc.RpcError, ExecutorStepError) as err:
+                await self._recover(err)
+
+    async def _step(self, plan: StepPlan, schedule_seconds: float) -> None:
+        assert self.scheduler is not None
+        message = plan_to_proto(plan)
+        sent = time.perf_counter()
+        await asyncio.gather(*(link.send(message) for link in self.links))
+        self._dispatch(self._take_pending())          # overlaps with the ranks' compute
+        results = await asyncio.gather(*(link.receive() for link in self.links))
+        step_seconds = time.perf_counter() - sent
+        failed = next((r for r in results if r.error), None)
+        if failed is not None:
+            raise ExecutorStepError(failed.error)
+        result = result_from_proto(results[0])       # every rank samples the same tokens
+        self._pending = self.scheduler.process_result(result)
+        self.last_step = StepTiming(schedule_seconds, step_seconds, results[0].forward_seconds,
+                                    results[0].swap_seconds)
+        prompt_tokens = sum(len(w.token_ids) for w in plan.sequences if w.num_samples == 0
+                            or len(w.token_ids) > 1)
+        generated = sum(w.num_samples for w in plan.sequences)
+        self.metrics.record_step(step_seconds + schedule_seconds, schedule_seconds, step_seconds,
+                                 prompt_tokens, generated)
+        self._record_stats()
+
+    def _take_pending(self) -> list[RequestOutput]:
+        assert self.scheduler is not None
+        pending, self._pending = self._pending, []
+        return pending + self.scheduler.pop_outputs()
+
+    def _record_stats(self) -> None:
+        if self.scheduler is not None:
+            self.metrics.record_stats(self.scheduler.stats())
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand reports to their streams; stop strings may end sequences and produce more reports."""
+        while outputs:
+            for output in outputs:
+                stream = self.streams.get(output.request_id)
+                if stream is None:
+                    continue
+                stream.apply(output)
+                self._record_latencies(stream)
+                if stream.finished:
+                    del self.streams[output.request_id]
+                    self._record_finished(stream, output)
+            outputs = self.scheduler.pop_outputs() if self.scheduler is not None else []
+
+    def _record_latencies(self, stream: RequestStream) -> None:
+        first_token, inter_token = stream.take_latencies()
+        if first_token is not None:
+            self.metrics.record_first_token(first_token)
+        for latency in inter_token:
+            self.metrics.record_inter_token(latency)
+
+    def _record_finished(self, stream: RequestStream, output: RequestOutput) -> None:
+        reasons = {c.finish_reason for c in output.outputs if c.finish_reason is not None}
+        if output.error is not None:
+            reason = "error"
+        elif FinishReason.ABORTED in reasons:
+            reason = "aborted"
+        else:       # several outputs may end differently; count the request once, by its first reason
+            reason = min((r.value for r in reasons), default="length")
+        self.metrics.record_request_finished(reason, time.monotonic() - stream.arrival_time,
+                                             output.queue_seconds)
+
+    # ---- recovery --------------------------------------------------------------------------------
+
+    async def _recover(self, err: BaseException) -> None:
+        """A rank failed: keep the requests, reconnect, and recompute them once every rank serves."""
+        assert self.scheduler is not None
+        log.error("executor failure: %s; live requests wait up to %.0f s for the executors to come back",
+                  _describe_error(err), self.config.executor_grace_seconds)
+        if isinstance(err, ExecutorStepError):
+            message = f"an executor failed on a step of this request: {err}"
+            self.scheduler.fail_requests(self.scheduler.in_flight_request_ids(), RequestErrorKind.INTERNAL,
+                                         message)
+        requeued = self.scheduler.requeue_after_executor_loss()
+        self._dispatch(self._take_pending())
+        self._set_serving(False)
+        for link in self.links:
+            link.close_stream()
+        log.info("%d request(s) requeued for recomputation", requeued)
+        while True:
+            try:
+                await self._handshake(time.monotonic() + RECONNECT_INTERVAL_SECONDS * 4, first=False)
+                log.info("executors are back: serving again")
+                return
+            except (grpc.RpcError, UnavailableError) as retry_err:
+                log.debug("executors not back yet: %s", _describe_error(retry_err))
+            if self._grace_expired() and self.scheduler.has_unfinished:
+                self.scheduler.fail_requests(list(self.scheduler.groups), RequestErrorKind.UNAVAILABLE,
+                                             "no executor served within the grace period of "
+                                             f"{self.config.executor_grace_seconds:.0f} s; retry later")
+                self._dispatch(self._take_pending())
+            await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
+
+
+class ExecutorStepError(RuntimeError):
+    """A rank answered a plan with an error: the ranks' state can no longer be trusted."""
+
+
+def _describe_error(err: BaseException) -> str:
+    if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
+        details = err.details() if hasattr(err, "details") else ""
+        return f"{err.code().name}: {details}"
+    return str(err)

@@ -1,0 +1,247 @@
+"""The scheduler's gRPC frontend: GenerationService, health, reflection, auth, TLS and draining.
+
+The servicer is thin: it maps requests with `api_codec`, hands them to the Engine and streams the
+engine's updates back. Health reports SERVING only while every executor rank serves. On SIGTERM the
+server stops taking requests (UNAVAILABLE, health NOT_SERVING), lets live requests finish for up to
+`shutdown_grace_seconds`, aborts what is left, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedserve.v1 import generation_pb2 as pb
+from pagedserve.v1 import generation_pb2_grpc
+from scheduler_svc.api_codec import parse_request, response_to_proto
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.default_model import default_model_dir
+from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
+from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
+from scheduler_svc.metrics import SchedulerMetrics
+from scheduler_svc.metrics_http import start_metrics_server
+from scheduler_svc.tokenizer import encode_prompt, load_tokenizer
+
+log = logging.getLogger("pagedserve.scheduler")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+_ERROR_CODES = {
+    RequestErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    RequestErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_SUBMIT_ERRORS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Generate, Abort and GetModelInfo over the engine."""
+
+    def __init__(self, engine: Engine, config: SchedulerConfig) -> None:
+        self._engine = engine
+        self._config = config
+
+    async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self._engine.metrics.record_request_rejected(code.name)
+        await context.abort(code, message)
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        """Queue the request and stream its updates; a cancelled call aborts the request."""
+        size = request.ByteSize()
+        if size > self._config.max_request_bytes:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request: is {size} bytes, more than the server's limit of "
+                               f"{self._config.max_request_bytes} (max_request_bytes)")
+        try:
+            parsed = parse_request(request, lambda text: encode_prompt(self._engine.tokenizer, text))
+            stream = self._engine.submit(parsed.request_id, parsed.prompt_token_ids, parsed.params,
+                                         parsed.skip_special_tokens)
+        except tuple(_SUBMIT_ERRORS) as err:
+            await self._reject(context, _SUBMIT_ERRORS[type(err)], str(err))
+            return
+        try:
+            while True:
+                update = await stream.next_update()
+                if update.error is not None:
+                    kind, message = update.error
+                    await context.abort(_ERROR_CODES[kind], message)
+                yield response_to_proto(stream.request_id, update)
+                if update.is_last:
+                    return
+        finally:
+            if not stream.finished:     # the client went away or the call was cancelled
+                self._engine.abort(stream.request_id)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        """Abort a live request by id."""
+        return pb.AbortResponse(found=self._engine.abort(request.request_id))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """The served model and its KV capacity (UNAVAILABLE until the executors answered)."""
+        info = self._engine.info
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no executor is serving yet")
+        assert info is not None
+        return pb.ModelInfo(model_name=info.model_name, max_model_len=info.max_model_len,
+                            block_size=info.block_size, kv_capacity_tokens=info.kv_capacity_tokens,
+                            num_gpu_blocks=info.num_gpu_blocks, num_cpu_blocks=info.num_cpu_blocks,
+                            vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids,
+                            world_size=info.world_size)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on GenerationService calls.
+
+    Health and reflection stay open so that load balancers and `grpcurl list` work without it.
+    """
+
+    def __init__(self, token: str, on_reject: Callable[[], None]) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._on_reject = on_reject
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: Any) -> Any:
+        """Pass authorized calls on; answer the others with UNAUTHENTICATED."""
+        handler = await continuation(handler_call_details)
+        if not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self._expected):
+            return handler
+        self._on_reject()
+        return _denying_handler(handler)
+
+
+def _denying_handler(handler: Any) -> Any:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "authorization: send metadata 'authorization: Bearer <token>' with the "
+                            "server's access token")
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler}
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def _server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
+    # gRPC's own limit sits above max_request_bytes so that an oversized request reaches Generate and
+    # gets INVALID_ARGUMENT naming the limit rather than a bare RESOURCE_EXHAUSTED from the transport.
+    limit = max(4 * config.max_request_bytes, 64 * 2**20)
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 256 * 2**20)]
+
+
+def _bind(server: grpc.aio.Server, config: SchedulerConfig) -> int:
+    if config.tls_cert_file:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())])
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address}")
+    return port
+
+
+class SchedulerServer:
+    """The frontend, the engine and the metrics endpoint of one scheduler process."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.metrics = SchedulerMetrics()
+        model_dir = config.model or default_model_dir()
+        try:
+            tokenizer = load_tokenizer(model_dir)
+        except (OSError, ValueError) as err:
+            raise InvalidArgumentError("model", f"cannot load a tokenizer from {model_dir}: {err}") from err
+        self.health = health.aio.HealthServicer()
+        self.engine = Engine(config, tokenizer, self.metrics, self._serving_changed)
+        interceptors = []
+        if config.auth_token:
+            interceptors.append(BearerTokenInterceptor(
+                config.auth_token, lambda: self.metrics.record_request_rejected("UNAUTHENTICATED")))
+        self.server = grpc.aio.server(options=_server_options(config), interceptors=interceptors)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.engine, config),
+                                                                    self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            self.server)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
+
+    def _serving_changed(self, serving: bool) -> None:
+        states = health_pb2.HealthCheckResponse
+        status = states.SERVING if serving else states.NOT_SERVING
+        task = asyncio.get_running_loop().create_task(self._set_health(status))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Listen (health NOT_SERVING), then connect the executors in the background."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = _bind(self.server, self.config)
+        await self.server.start()
+        if self.config.metrics_port >= 0:
+            self.metrics_port = start_metrics_server(self.metrics.registry, self.config.host,
+                                                     self.config.metrics_port)
+        scheme = "tls" if self.config.tls_cert_file else "insecure"
+        log.info("pagedserve-scheduler listening on %s:%d (%s)", self.config.host, self.port, scheme)
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new requests, let live ones finish within the grace period, then stop."""
+        engine = self.engine
+        engine.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace_seconds
+        if engine.streams:
+            log.info("draining %d live request(s) for up to %.0f s", len(engine.streams),
+                     self.config.shutdown_grace_seconds)
+        while engine.streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await engine.stop()
+        await self.server.stop(grace=1.0)
+
+
+async def serve(config: SchedulerConfig) -> int:
+    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    server = SchedulerServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    startup = asyncio.create_task(server.engine.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if startup.done() and startup.exception() is not None:
+        log.error("cannot start: %s", startup.exception())
+        await server.server.stop(grace=0)
+        return 1
+    await stopping
+    log.info("shutting down")
+    startup.cancel()
+    await server.drain_and_stop()
+    return 0
