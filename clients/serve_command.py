@@ -14,10 +14,8 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.stack import LocalStack, free_port, stack_specs
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
@@ -65,30 +63,14 @@ def build_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, list[Execu
     return dataclasses.replace(scheduler, executor_addresses=addresses), executors
 
 
-def wait_serving(target: str, stack: LocalStack, timeout: float) -> None:
-    """Poll the scheduler's health until SERVING (raises TimeoutError or RuntimeError)."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if stack.failed:
-                raise RuntimeError("the scheduler exited during startup; its log is above")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"the stack was not serving after {timeout:.0f} s")
-
-
-def run_demo(target: str, prompt: str, max_tokens: int, token: str) -> None:
+def run_demo(target: str, prompt: str, max_tokens: int, config: SchedulerConfig) -> None:
     """Stream one completion of `prompt` through the client library to stdout."""
     from clients.client import PagedServeClient
 
     print(f"\n--- completion of {prompt!r} (max_tokens={max_tokens}, greedy) ---", flush=True)
-    with PagedServeClient(target, token=token or None) as client:
+    # A self-signed certificate is its own root; a CA-issued one verifies against the same file too.
+    roots = Path(config.tls_cert_file).read_bytes() if config.tls_cert_file else None
+    with PagedServeClient(target, token=config.auth_token or None, root_certificates=roots) as client:
         sys.stdout.write(prompt)
         for event in client.stream(prompt, max_tokens=max_tokens, temperature=0.0):
             for choice in event.choices:
@@ -100,20 +82,17 @@ def run_demo(target: str, prompt: str, max_tokens: int, token: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM."""
     scheduler, executors = build_configs(args)
-    if scheduler.tls_cert_file:
-        raise InvalidArgumentError("tls_cert_file", "the local launcher serves plain gRPC on loopback; "
-                                   "run pagedserve-scheduler directly for TLS")
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors)
     signal.signal(signal.SIGTERM, _interrupt)        # stop the children on SIGTERM as on Ctrl-C
     stack.start()
     code = 1
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)
-        wait_serving(address, stack, READY_TIMEOUT_SECONDS)
+        stack.wait_ready(READY_TIMEOUT_SECONDS)
         print(f"pagedserve serve: serving on {address} with {len(executors)} executor(s); Ctrl-C stops",
               file=sys.stderr, flush=True)
         if args.demo_prompt:
-            run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler.auth_token)
+            run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler)
         while not stack.failed:
             time.sleep(0.5)
     except KeyboardInterrupt:

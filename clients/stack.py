@@ -30,6 +30,7 @@ from scheduler_svc.config import SchedulerConfig
 log = logging.getLogger("pagedserve.serve")
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+READY = re.compile(r"pagedserve\.engine: serving ")      # the scheduler's executors are all up
 RESTART_DELAY_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 60.0
 
@@ -84,6 +85,7 @@ class ManagedProcess:
     metrics_address: str | None = None
     restarts: int = 0
     listening: threading.Event = field(default_factory=threading.Event)
+    ready: threading.Event = field(default_factory=threading.Event)
 
 
 class LocalStack:
@@ -124,6 +126,8 @@ class LocalStack:
                 managed.listening.set()
             elif (match := METRICS.search(line)) is not None:
                 managed.metrics_address = f"{match.group(1)}:{match.group(2)}"
+            elif READY.search(line) is not None:
+                managed.ready.set()
             sys.stderr.write(f"[{managed.spec.name}] {line}")
             sys.stderr.flush()
 
@@ -153,6 +157,15 @@ class LocalStack:
             if managed.proc.poll() is not None and name == "scheduler":
                 raise RuntimeError(f"{name} exited with code {managed.proc.returncode} before listening")
         raise TimeoutError(f"{name} did not start listening within {timeout:.0f} s")
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the scheduler reports that every executor serves (raises TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while not self.processes["scheduler"].ready.wait(0.1):
+            if self.failed:
+                raise RuntimeError("the scheduler exited during startup; its log is above")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the stack was not serving after {timeout:.0f} s")
 
     @property
     def failed(self) -> bool:
