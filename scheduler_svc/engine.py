@@ -43,6 +43,7 @@ from scheduler_svc.tokenizer import TokenTexts
 
 log = logging.getLogger("pagedserve.engine")
 RECONNECT_INTERVAL_SECONDS = 0.5
+STATS_LOG_INTERVAL_SECONDS = 10.0
 
 
 class UnavailableError(RuntimeError):
@@ -108,6 +109,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending: list[RequestOutput] = []
+        self._throughput = _ThroughputLog()
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class Engine:
         if len(scheduler.waiting) >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests); "
                                  "retry later")
+        _check_fits(len(prompt_token_ids), params.max_tokens, scheduler.max_model_len)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.streams:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already in use by a live request")
@@ -275,6 +278,7 @@ class Engine:
         self.metrics.record_step(step_seconds + schedule_seconds, schedule_seconds, step_seconds,
                                  prompt_tokens, generated)
         self._record_stats()
+        self._throughput.add(prompt_tokens, generated, self.scheduler)
 
     def _take_pending(self) -> list[RequestOutput]:
         assert self.scheduler is not None
@@ -347,6 +351,37 @@ class Engine:
                                              f"{self.config.executor_grace_seconds:.0f} s; retry later")
                 self._dispatch(self._take_pending())
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
+
+
+class _ThroughputLog:
+    """Logs throughput and queue state every STATS_LOG_INTERVAL_SECONDS while requests run."""
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+        self._prompt_tokens = 0
+        self._generated = 0
+
+    def add(self, prompt_tokens: int, generated: int, scheduler: Scheduler) -> None:
+        self._prompt_tokens += prompt_tokens
+        self._generated += generated
+        elapsed = time.monotonic() - self._since
+        if elapsed < STATS_LOG_INTERVAL_SECONDS:
+            return
+        stats = scheduler.stats()
+        log.info("prompt %.1f tok/s, generation %.1f tok/s; running %d, waiting %d, swapped %d; "
+                 "GPU KV %.1f%%, CPU KV %.1f%%; preemptions %d swap / %d recompute",
+                 self._prompt_tokens / elapsed, self._generated / elapsed, stats.num_running,
+                 stats.num_waiting, stats.num_swapped, 100 * stats.gpu_usage, 100 * stats.cpu_usage,
+                 stats.num_preemptions_swap, stats.num_preemptions_recompute)
+        self._since, self._prompt_tokens, self._generated = time.monotonic(), 0, 0
+
+
+def _check_fits(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+    """Refuse a request whose prompt plus max_tokens exceeds the model (as vLLM's frontend does)."""
+    if 0 < prompt_len < max_model_len and prompt_len + max_tokens > max_model_len:
+        raise InvalidArgumentError("max_tokens", f"the prompt has {prompt_len} tokens and this model takes "
+                                   f"{max_model_len} in all, so max_tokens can be at most "
+                                   f"{max_model_len - prompt_len}, got {max_tokens}")
 
 
 class ExecutorStepError(RuntimeError):

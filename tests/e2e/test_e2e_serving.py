@@ -195,3 +195,23 @@ def test_hundred_streams_under_preemption_match_a_large_pool(stack, start_stack,
     assert _run_concurrently(small, requests) == expected
     assert small.metric(f'pagedserve_preemptions_total{{mode="{mode}"}}') > 0
     assert small.metric("pagedserve_gpu_kv_usage_ratio") == 0
+
+
+def test_server_reflection_lists_the_services(stack):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(stack.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"pagedserve.v1.GenerationService", "grpc.health.v1.Health"} <= services
+
+
+def test_two_executor_ranks_get_the_same_plan_and_agree(stack, start_stack):
+    prompt = "def fibonacci(n):"
+    with stack.client() as client:
+        expected = client.generate(prompt, max_tokens=16, temperature=0.7, seed=3).outputs[0].token_ids
+    two = start_stack("--executors", "2")
+    with two.client() as client:
+        assert client.model_info().world_size == 2
+        got = client.generate(prompt, max_tokens=16, temperature=0.7, seed=3).outputs[0].token_ids
+    assert got == expected
+    assert two.metric('pagedserve_executor_steps_total{rank="1"}', "executor-1") >= 16
