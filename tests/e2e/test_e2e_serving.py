@@ -215,3 +215,24 @@ def test_two_executor_ranks_get_the_same_plan_and_agree(stack, start_stack):
         got = client.generate(prompt, max_tokens=16, temperature=0.7, seed=3).outputs[0].token_ids
     assert got == expected
     assert two.metric('pagedserve_executor_steps_total{rank="1"}', "executor-1") >= 16
+
+
+def test_asyncio_client_streams_and_cancels(stack):
+    import asyncio
+
+    from clients.client import AsyncPagedServeClient
+
+    async def scenario() -> tuple[str, str]:
+        async with AsyncPagedServeClient(stack.target) as client:
+            texts = []
+            async for event in client.stream("def fibonacci(n):", max_tokens=12, temperature=0.0):
+                texts.extend(c.text for c in event.choices)
+            stream = client.stream("class Tree:", max_tokens=500, ignore_eos=True)
+            await stream.__anext__()
+            await stream.aclose()                     # cancels the call: the server aborts the request
+            whole = await client.generate("def fibonacci(n):", max_tokens=12, temperature=0.0)
+            return "".join(texts), whole.text
+
+    streamed, whole = asyncio.run(scenario())
+    assert streamed == whole
+    _wait_idle(stack)
