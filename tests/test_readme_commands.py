@@ -20,3 +20,18 @@ def test_ci_runs_the_readme_test_command_verbatim():
     test = readme_commands()[1]
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert test in (line.strip() for line in ci)
+
+
+def test_the_run_command_serves_the_embedded_model_and_streams_a_completion():
+    import shlex
+
+    from clients.cli import build_parser
+    from scheduler_svc.default_model import default_model_dir
+
+    run = readme_commands()[0]
+    assert "torch==2.13.0" in run and "[executor]" in run     # the CPU torch before the executor extra
+    words = shlex.split(run.split("&&")[-1])
+    assert words[0] == ".venv/bin/pagedserve"
+    args = build_parser().parse_args(words[1:])
+    assert args.command == "serve" and args.demo_prompt        # tests/e2e runs this same command
+    assert (Path(default_model_dir()) / "model.safetensors").exists()
