@@ -278,7 +278,7 @@ class Engine:
         self.metrics.record_step(step_seconds + schedule_seconds, schedule_seconds, step_seconds,
                                  prompt_tokens, generated)
         self._record_stats()
-        self._throughput.add(prompt_tokens, generated, self.scheduler)
+        self._throughput.add(prompt_tokens, generated, step_seconds + schedule_seconds, self.scheduler)
 
     def _take_pending(self) -> list[RequestOutput]:
         assert self.scheduler is not None
@@ -361,7 +361,9 @@ class _ThroughputLog:
         self._prompt_tokens = 0
         self._generated = 0
 
-    def add(self, prompt_tokens: int, generated: int, scheduler: Scheduler) -> None:
+    def add(self, prompt_tokens: int, generated: int, step_seconds: float, scheduler: Scheduler) -> None:
+        if not self._prompt_tokens and not self._generated:     # a new window: idle time does not count
+            self._since = time.monotonic() - step_seconds
         self._prompt_tokens += prompt_tokens
         self._generated += generated
         elapsed = time.monotonic() - self._since
