@@ -215,6 +215,7 @@ class Engine:
             return False
         found = self.scheduler.abort(request_id)
         self._dispatch(self.scheduler.pop_outputs())
+        self._record_stats()            # its blocks are free now; the gauges say so before the next step
         return found
 
     def _stop_sequence(self, request_id: str, index: int, stop_string: str) -> None:

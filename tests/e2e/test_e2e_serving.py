@@ -97,15 +97,16 @@ def test_abort_and_client_cancel_free_every_block(stack):
         next(stream), next(stream)
         assert stack.metric("pagedserve_gpu_kv_usage_ratio") > 0
         assert client.abort("to-abort") is True
+        # Freed by the abort itself, before any further step.
+        assert stack.metric("pagedserve_gpu_kv_usage_ratio") == 0
         rest = list(stream)
         assert rest[-1].choices[0].finish_reason == "aborted"
-        _wait_idle(stack)
         assert client.abort("to-abort") is False
 
         stream = client.stream("class Lexer:", max_tokens=600, ignore_eos=True)
         next(stream), next(stream)
         stream.close()                                  # the client cancels the call
-        _wait_idle(stack)
+        _wait_idle(stack, timeout=2.0)
     assert stack.metric('pagedserve_requests_finished_total{finish_reason="aborted"}') >= 2
 
 
