@@ -9,10 +9,12 @@ server stops taking requests (UNAVAILABLE, health NOT_SERVING), lets live reques
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
-from scheduler_svc.api_codec import parse_request, response_to_proto
+from scheduler_svc.api_codec import ParsedRequest, parse_request, response_to_proto
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.default_model import default_model_dir
 from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
@@ -52,6 +54,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, engine: Engine, config: SchedulerConfig) -> None:
         self._engine = engine
         self._config = config
+        # Tokenizing a long prompt takes milliseconds: keep it off the event loop, on one thread
+        # because a fast tokenizer must not be used by two threads at once ("Already borrowed").
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+
+    def _parse(self, request: pb.GenerateRequest) -> Awaitable[ParsedRequest]:
+        encode = functools.partial(encode_prompt, self._engine.tokenizer)
+        return asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, parse_request, request,
+                                                          encode)
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self._engine.metrics.record_request_rejected(code.name)
@@ -66,7 +76,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                f"request: is {size} bytes, more than the server's limit of "
                                f"{self._config.max_request_bytes} (max_request_bytes)")
         try:
-            parsed = parse_request(request, lambda text: encode_prompt(self._engine.tokenizer, text))
+            parsed = await self._parse(request)
             stream = self._engine.submit(parsed.request_id, parsed.prompt_token_ids, parsed.params,
                                          parsed.skip_special_tokens)
         except tuple(_SUBMIT_ERRORS) as err:
