@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from executor_svc import ops
+
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
@@ -158,5 +160,15 @@ class ForwardContext:
         returns [T, num_heads, head_size]
         """
         layer_cache = self.kv_cache[:, layer]
+        if self.kv_cache.is_cuda and ops.kernels_enabled():
+            # Our CUDA kernels: the fused K/V write always; the decode kernel when every sequence
+            # computes one token. Prefill (and shapes without a kernel instantiation) still take the
+            # torch reference until the prefill kernels exist.
+            ops.reshape_and_cache(key, value, self.kv_cache, layer, self.meta.slot_mapping)
+            if self.meta.is_decode_only and ops.decode_supported(query, self.kv_cache):
+                out = torch.empty(query.shape, dtype=query.dtype, device=query.device)   # [S, H, D]
+                return ops.paged_attention_decode(out, query, self.kv_cache, layer, self.meta.block_tables,
+                                                  self.meta.seq_lens, scale, self.meta.max_seq_len)
+            return paged_attention_reference(query, layer_cache, self.meta, scale)
         write_kv_reference(layer_cache, key, value, self.meta.slot_mapping)
         return paged_attention_reference(query, layer_cache, self.meta, scale)

@@ -1,0 +1,168 @@
+// Python bindings of the PagedServe CUDA kernels, with the input checks that turn a wrong call into a
+// clear error instead of a wrong result or an illegal memory access.
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+
+namespace pagedserve {
+
+void paged_attention_decode(at::Tensor& out,              // [S, num_heads, head_size]
+                            const at::Tensor& query,      // [S, num_heads, head_size]
+                            const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                            int64_t layer,
+                            const at::Tensor& block_tables,   // [S, max_blocks] int32
+                            const at::Tensor& seq_lens,       // [S] int32
+                            double scale, int64_t max_seq_len, int64_t partition_mode);
+void reshape_and_cache(const at::Tensor& key,            // [T, num_kv_heads, head_size]
+                       const at::Tensor& value,          // [T, num_kv_heads, head_size]
+                       at::Tensor& kv_cache,             // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                       int64_t layer,
+                       const at::Tensor& slot_mapping);  // [T] int64
+void copy_blocks(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                 const at::Tensor& pairs);    // [P, 2] int64
+
+namespace {
+
+// Argument errors raise std::runtime_error, which pybind11 turns into RuntimeError. KNOWN ISSUE: on the
+// H200 test image (torch 2.11, CUDA 13.0) ANY exception leaving this extension -- this one or a
+// c10::Error from a kernel's TORCH_CHECK -- crashed the interpreter (SIGSEGV) instead of reaching
+// Python; the cause (toolchain / libstdc++ / pybind11 mismatch?) is not found yet.
+template <typename... Parts>
+void require(bool ok, const Parts&... parts) {
+  if (ok) return;
+  std::ostringstream message;
+  (message << ... << parts);
+  throw std::runtime_error(message.str());
+}
+
+void check_cuda(const at::Tensor& t,          // [any]
+                const char* op, const char* name, const at::Device& device) {
+  require(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  require(t.device() == device, op, ": ", name, " is on ", t.device(), " but kv_cache is on ", device);
+}
+
+void check_cache(const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                 const char* op, int64_t layer) {
+  require(kv_cache.is_cuda(), op, ": kv_cache must be a CUDA tensor, got one on ", kv_cache.device());
+  require(kv_cache.dim() == 6 && kv_cache.size(2) == 2, op,
+              ": kv_cache must be [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size], got ",
+              kv_cache.sizes());
+  require(kv_cache.is_contiguous(), op, ": kv_cache must be contiguous");
+  require(reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0, op,
+              ": kv_cache must be 16-byte aligned");
+  require(layer >= 0 && layer < kv_cache.size(1), op, ": layer ", layer, " out of range [0, ",
+              kv_cache.size(1), ")");
+}
+
+void check_rows(const at::Tensor& t,   // [N, num_heads, head_size]
+                const char* op, const char* name, int64_t heads, int64_t head_size) {
+  require(t.dim() == 3 && t.size(1) == heads && t.size(2) == head_size, op, ": ", name, " must be [N, ", heads,
+              ", ", head_size, "], got ", t.sizes());
+  require(t.stride(2) == 1 && t.stride(1) == head_size, op, ": ", name,
+              " must have contiguous heads (strides [*, head_size, 1]), got strides ", t.strides());
+}
+
+}  // namespace
+
+void paged_attention_decode_checked(
+    at::Tensor& out,                  // [S, num_heads, head_size]
+    const at::Tensor& query,          // [S, num_heads, head_size]
+    const at::Tensor& kv_cache,       // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+    int64_t layer,
+    const at::Tensor& block_tables,   // [S, max_blocks] int32
+    const at::Tensor& seq_lens,       // [S] int32
+    double scale, int64_t max_seq_len, int64_t partition_mode) {
+  constexpr const char* op = "paged_attention_decode";
+  check_cache(kv_cache, op, layer);
+  const at::Device device = kv_cache.device();
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {query, "query"},
+                                {block_tables, "block_tables"}, {seq_lens, "seq_lens"}}) {
+    check_cuda(t, op, name, device);
+  }
+  const int64_t num_kv_heads = kv_cache.size(3), head_size = kv_cache.size(5);
+  require(query.dim() == 3, op, ": query must be [S, num_heads, head_size], got ", query.sizes());
+  const int64_t num_seqs = query.size(0), num_heads = query.size(1);
+  require(num_heads % num_kv_heads == 0, op, ": num_heads ", num_heads,
+              " must be a multiple of num_kv_heads ", num_kv_heads);
+  check_rows(query, op, "query", num_heads, head_size);
+  require(out.sizes() == query.sizes() && out.is_contiguous(), op,
+              ": out must be a contiguous tensor shaped like query ", query.sizes(), ", got ", out.sizes());
+  require(query.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == kv_cache.scalar_type(), op,
+              ": query, out and kv_cache must share a dtype, got ", query.scalar_type(), ", ", out.scalar_type(),
+              ", ", kv_cache.scalar_type());
+  require(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  block_tables.size(0) == num_seqs && block_tables.is_contiguous(),
+              op, ": block_tables must be a contiguous int32 [S=", num_seqs, ", max_blocks] tensor, got ",
+              block_tables.scalar_type(), " ", block_tables.sizes());
+  require(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs &&
+                  seq_lens.is_contiguous(),
+              op, ": seq_lens must be a contiguous int32 [S=", num_seqs, "] tensor, got ", seq_lens.scalar_type(),
+              " ", seq_lens.sizes());
+  require(max_seq_len >= 0 && block_tables.size(1) * kv_cache.size(4) >= max_seq_len, op, ": max_seq_len ",
+              max_seq_len, " does not fit block_tables of ", block_tables.size(1), " blocks");
+  require(head_size == 64 || head_size == 80 || head_size == 96 || head_size == 128 || head_size == 256, op,
+          ": unsupported head size ", head_size, " (supported: 64, 80, 96, 128, 256)");
+  const int64_t block_size = kv_cache.size(4);
+  require(block_size == 8 || block_size == 16 || block_size == 32, op, ": unsupported block size ", block_size,
+          " (supported: 8, 16, 32)");
+  const auto dtype = kv_cache.scalar_type();
+  require(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op, ": unsupported dtype ", dtype,
+          " (supported: float16, bfloat16, float32)");
+  require(partition_mode >= -1 && partition_mode <= 1, op, ": partition_mode must be -1, 0 or 1");
+  paged_attention_decode(out, query, kv_cache, layer, block_tables, seq_lens, scale, max_seq_len, partition_mode);
+}
+
+void reshape_and_cache_checked(const at::Tensor& key,            // [T, num_kv_heads, head_size]
+                               const at::Tensor& value,          // [T, num_kv_heads, head_size]
+                               at::Tensor& kv_cache,             // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                               int64_t layer,
+                               const at::Tensor& slot_mapping) { // [T] int64
+  constexpr const char* op = "reshape_and_cache";
+  check_cache(kv_cache, op, layer);
+  const at::Device device = kv_cache.device();
+  check_cuda(key, op, "key", device);
+  check_cuda(value, op, "value", device);
+  check_cuda(slot_mapping, op, "slot_mapping", device);
+  const int64_t num_kv_heads = kv_cache.size(3), head_size = kv_cache.size(5);
+  require(key.dim() == 3 && value.dim() == 3 && key.sizes() == value.sizes(), op,
+              ": key and value must both be [T, num_kv_heads, head_size], got ", key.sizes(), " and ", value.sizes());
+  require(key.size(1) == num_kv_heads && key.size(2) == head_size, op, ": key must be [T, ", num_kv_heads,
+              ", ", head_size, "] to match kv_cache, got ", key.sizes());
+  require(key.stride(2) == 1 && value.stride(2) == 1, op, ": key and value need a contiguous last dim");
+  require(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(), op,
+              ": key, value and kv_cache must share a dtype, got ", key.scalar_type(), ", ", value.scalar_type(),
+              ", ", kv_cache.scalar_type());
+  require(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == key.size(0) && slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous int64 [T=", key.size(0), "] tensor, got ",
+              slot_mapping.scalar_type(), " ", slot_mapping.sizes());
+  reshape_and_cache(key, value, kv_cache, layer, slot_mapping);
+}
+
+void copy_blocks_checked(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                         const at::Tensor& pairs) {   // [P, 2] int64
+  constexpr const char* op = "copy_blocks";
+  check_cache(kv_cache, op, 0);
+  check_cuda(pairs, op, "pairs", kv_cache.device());
+  require(pairs.scalar_type() == at::kLong && pairs.dim() == 2 && pairs.size(1) == 2 && pairs.is_contiguous(),
+              op, ": pairs must be a contiguous int64 [P, 2] tensor of (src, dst), got ", pairs.scalar_type(), " ",
+              pairs.sizes());
+  copy_blocks(kv_cache, pairs);
+}
+
+}  // namespace pagedserve
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "PagedServe CUDA kernels: decode PagedAttention and KV cache writes/copies";
+  m.def("paged_attention_decode", &pagedserve::paged_attention_decode_checked,
+        "Decode PagedAttention into `out`; partition_mode -1 auto, 0 never, 1 always split-K", py::arg("out"),
+        py::arg("query"), py::arg("kv_cache"), py::arg("layer"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("scale"), py::arg("max_seq_len"), py::arg("partition_mode") = -1);
+  m.def("reshape_and_cache", &pagedserve::reshape_and_cache_checked, "Write new K/V of one layer into their slots",
+        py::arg("key"), py::arg("value"), py::arg("kv_cache"), py::arg("layer"), py::arg("slot_mapping"));
+  m.def("copy_blocks", &pagedserve::copy_blocks_checked, "Copy whole blocks src -> dst (copy-on-write)",
+        py::arg("kv_cache"), py::arg("pairs"));
+}
