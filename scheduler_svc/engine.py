@@ -34,7 +34,7 @@ from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.outputs import RequestOutput
 from scheduler_svc.plan import StepPlan
-from scheduler_svc.plan_codec import plan_to_proto, result_from_proto
+from scheduler_svc.plan_codec import ExecutorStepError, plan_to_proto, result_from_proto
 from scheduler_svc.request_stream import RequestStream
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
@@ -123,7 +123,6 @@ class Engine:
         """Abort what is still live, stop the loop and close the links."""
         for request_id in list(self.streams):
             self.abort(request_id)
-        self._dispatch([])
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -266,10 +265,11 @@ class Engine:
         self._dispatch(self._take_pending())          # overlaps with the ranks' compute
         results = await asyncio.gather(*(link.receive() for link in self.links))
         step_seconds = time.perf_counter() - sent
-        failed = next((r for r in results if r.error), None)
-        if failed is not None:
-            raise ExecutorStepError(failed.error)
-        result = result_from_proto(results[0])       # every rank samples the same tokens
+        for rank, other in enumerate(results[1:], start=1):
+            if other.error:
+                raise ExecutorStepError(f"rank {rank}, step {other.step_id}: {other.error}")
+        # Every rank samples the same tokens; rank 0's error, if any, is raised by the decoder.
+        result = result_from_proto(results[0])
         self._pending = self.scheduler.process_result(result)
         self.last_step = StepTiming(schedule_seconds, step_seconds, results[0].forward_seconds,
                                     results[0].swap_seconds)
@@ -312,13 +312,13 @@ class Engine:
             self.metrics.record_inter_token(latency)
 
     def _record_finished(self, stream: RequestStream, output: RequestOutput) -> None:
-        reasons = {c.finish_reason for c in output.outputs if c.finish_reason is not None}
+        ended = sorted((c.index, c.finish_reason) for c in output.outputs if c.finish_reason is not None)
         if output.error is not None:
             reason = "error"
-        elif FinishReason.ABORTED in reasons:
+        elif any(r is FinishReason.ABORTED for _, r in ended):
             reason = "aborted"
-        else:       # several outputs may end differently; count the request once, by its first reason
-            reason = min((r.value for r in reasons), default="length")
+        else:       # several outputs may end differently: count the request once, by its lowest index
+            reason = ended[0][1].value if ended else "length"
         self.metrics.record_request_finished(reason, time.monotonic() - stream.arrival_time,
                                              output.queue_seconds)
 
@@ -385,10 +385,6 @@ def _check_fits(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
         raise InvalidArgumentError("max_tokens", f"the prompt has {prompt_len} tokens and this model takes "
                                    f"{max_model_len} in all, so max_tokens can be at most "
                                    f"{max_model_len - prompt_len}, got {max_tokens}")
-
-
-class ExecutorStepError(RuntimeError):
-    """A rank answered a plan with an error: the ranks' state can no longer be trusted."""
 
 
 def _describe_error(err: BaseException) -> str:
