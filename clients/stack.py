@@ -182,15 +182,16 @@ class LocalStack:
             managed = self.processes.get(name)
             if managed is None:
                 continue
-            codes[name] = _terminate(managed.proc)
+            codes[name] = stop_process(managed.proc)
         return codes.get("scheduler") or 0
 
 
-def _terminate(proc: subprocess.Popen[str]) -> int:
+def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
+    """SIGTERM, wait up to `timeout` seconds, then SIGKILL; returns the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from clients.stack import stop_process
+
 REQUIRE_ENV = "PAGEDSERVE_REQUIRE_PROMETHEUS"
 POLL_SECONDS = 0.1
 HTTP_TIMEOUT_SECONDS = 5.0
@@ -182,10 +184,5 @@ class PrometheusServer:
 
     def stop(self) -> None:
         """SIGTERM, then wait (SIGKILL after 15 s)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout=15)

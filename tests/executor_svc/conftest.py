@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from clients.stack import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"listening on (\S+:\d+)")
 METRICS = re.compile(r"metrics on http://(\S+:\d+)/metrics")
@@ -49,15 +51,8 @@ class ExecutorProcess:
         raise RuntimeError("executor did not start:\n" + "".join(lines))
 
     def stop(self) -> int:
-        """SIGTERM, then wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        """SIGTERM, then wait (SIGKILL after 15 s); returns the exit code."""
+        return stop_process(self.proc, timeout=15)
 
 
 @pytest.fixture
