@@ -847,7 +847,7 @@ def _try_once(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor | None, str 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = fn()
-            if out.is_cuda:
+            if torch.cuda.is_available():
                 torch.cuda.synchronize()
         return out, None
     except torch.cuda.OutOfMemoryError as exc:
@@ -1304,6 +1304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.empty_cache()
         line = decode_line(row, sdpa_lookup(report["decode"]), report["copy_bandwidth_gbs"])
         print(f"[{i}/{total} {time.monotonic() - start:5.0f}s] {line}", flush=True)
+        if i % 10 == 0:
+            write_outputs(report, args, plot=False)     # what is done survives a run cut short
     if plan.decode:
         write_outputs(report, args, plot=False)      # the decode half is kept should prefill fail
     flash = None
