@@ -3,19 +3,22 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
 namespace pagedserve {
 
-void paged_attention_decode(at::Tensor& out,              // [S, num_heads, head_size]
-                            const at::Tensor& query,      // [S, num_heads, head_size]
-                            const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
-                            int64_t layer,
-                            const at::Tensor& block_tables,   // [S, max_blocks] int32
-                            const at::Tensor& seq_lens,       // [S] int32
-                            double scale, int64_t max_seq_len, int64_t partition_mode);
+void paged_attention(at::Tensor& out,              // [T, num_heads, head_size]
+                     const at::Tensor& query,      // [T, num_heads, head_size]
+                     const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                     int64_t layer,
+                     const at::Tensor& block_tables,                    // [S, max_blocks] int32
+                     const at::Tensor& seq_lens,                        // [S] int32
+                     const std::optional<at::Tensor>& query_start_loc,  // [S + 1] int32, or none (decode)
+                     double scale, int64_t max_seq_len, int64_t max_query_len, int64_t partition_mode);
 void reshape_and_cache(const at::Tensor& key,            // [T, num_kv_heads, head_size]
                        const at::Tensor& value,          // [T, num_kv_heads, head_size]
                        at::Tensor& kv_cache,             // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
@@ -26,10 +29,11 @@ void copy_blocks(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num
 
 namespace {
 
-// Argument errors raise std::runtime_error, which pybind11 turns into RuntimeError. KNOWN ISSUE: on the
-// H200 test image (torch 2.11, CUDA 13.0) ANY exception leaving this extension -- this one or a
-// c10::Error from a kernel's TORCH_CHECK -- crashed the interpreter (SIGSEGV) instead of reaching
-// Python; the cause (toolchain / libstdc++ / pybind11 mismatch?) is not found yet.
+// Argument errors raise std::runtime_error. Every binding is wrapped by torch::wrap_pybind_function, so
+// exceptions (ours and a kernel's c10::Error) are converted to Python errors by torch's own handlers:
+// on the torch 2.11 / CUDA 13.0 device image, letting pybind11's default translation handle an exception
+// thrown from a plain m.def crashed the interpreter (SIGSEGV), while the wrapped form raised cleanly
+// (benchmarks/device/extension_exception_probe.py shows both).
 template <typename... Parts>
 void require(bool ok, const Parts&... parts) {
   if (ok) return;
@@ -67,15 +71,16 @@ void check_rows(const at::Tensor& t,   // [N, num_heads, head_size]
 
 }  // namespace
 
-void paged_attention_decode_checked(
-    at::Tensor& out,                  // [S, num_heads, head_size]
-    const at::Tensor& query,          // [S, num_heads, head_size]
-    const at::Tensor& kv_cache,       // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+void paged_attention_checked(
+    at::Tensor& out,                                   // [T, num_heads, head_size]
+    const at::Tensor& query,                           // [T, num_heads, head_size]
+    const at::Tensor& kv_cache,                        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
     int64_t layer,
-    const at::Tensor& block_tables,   // [S, max_blocks] int32
-    const at::Tensor& seq_lens,       // [S] int32
-    double scale, int64_t max_seq_len, int64_t partition_mode) {
-  constexpr const char* op = "paged_attention_decode";
+    const at::Tensor& block_tables,                    // [S, max_blocks] int32
+    const at::Tensor& seq_lens,                        // [S] int32
+    const std::optional<at::Tensor>& query_start_loc,  // [S + 1] int32; none: decode, one token per sequence
+    double scale, int64_t max_seq_len, int64_t max_query_len, int64_t partition_mode) {
+  constexpr const char* op = "paged_attention";
   check_cache(kv_cache, op, layer);
   const at::Device device = kv_cache.device();
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {query, "query"},
@@ -83,36 +88,49 @@ void paged_attention_decode_checked(
     check_cuda(t, op, name, device);
   }
   const int64_t num_kv_heads = kv_cache.size(3), head_size = kv_cache.size(5);
-  require(query.dim() == 3, op, ": query must be [S, num_heads, head_size], got ", query.sizes());
-  const int64_t num_seqs = query.size(0), num_heads = query.size(1);
-  require(num_heads % num_kv_heads == 0, op, ": num_heads ", num_heads,
-              " must be a multiple of num_kv_heads ", num_kv_heads);
-  check_rows(query, op, "query", num_heads, head_size);
-  require(out.sizes() == query.sizes() && out.is_contiguous(), op,
-              ": out must be a contiguous tensor shaped like query ", query.sizes(), ", got ", out.sizes());
-  require(query.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == kv_cache.scalar_type(), op,
-              ": query, out and kv_cache must share a dtype, got ", query.scalar_type(), ", ", out.scalar_type(),
-              ", ", kv_cache.scalar_type());
-  require(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                  block_tables.size(0) == num_seqs && block_tables.is_contiguous(),
-              op, ": block_tables must be a contiguous int32 [S=", num_seqs, ", max_blocks] tensor, got ",
-              block_tables.scalar_type(), " ", block_tables.sizes());
-  require(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == num_seqs &&
-                  seq_lens.is_contiguous(),
-              op, ": seq_lens must be a contiguous int32 [S=", num_seqs, "] tensor, got ", seq_lens.scalar_type(),
-              " ", seq_lens.sizes());
-  require(max_seq_len >= 0 && block_tables.size(1) * kv_cache.size(4) >= max_seq_len, op, ": max_seq_len ",
-              max_seq_len, " does not fit block_tables of ", block_tables.size(1), " blocks");
+  require(query.dim() == 3, op, ": query must be [T, num_heads, head_size], got ", query.sizes());
+  const int64_t num_tokens = query.size(0), num_heads = query.size(1);
+  require(num_heads % num_kv_heads == 0, op, ": num_heads ", num_heads, " must be a multiple of num_kv_heads ",
+          num_kv_heads);
   require(head_size == 64 || head_size == 80 || head_size == 96 || head_size == 128 || head_size == 256, op,
           ": unsupported head size ", head_size, " (supported: 64, 80, 96, 128, 256)");
-  const int64_t block_size = kv_cache.size(4);
-  require(block_size == 8 || block_size == 16 || block_size == 32, op, ": unsupported block size ", block_size,
-          " (supported: 8, 16, 32)");
+  check_rows(query, op, "query", num_heads, head_size);
+  // The kernel loads query rows as 16-byte vectors.
+  require(reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 == 0 && query.stride(0) % 8 == 0, op,
+          ": query rows must be 16-byte aligned (row stride a multiple of 8 elements), got stride ", query.stride(0));
+  require(out.sizes() == query.sizes() && out.is_contiguous(), op,
+          ": out must be a contiguous tensor shaped like query ", query.sizes(), ", got ", out.sizes());
   const auto dtype = kv_cache.scalar_type();
-  require(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op, ": unsupported dtype ", dtype,
-          " (supported: float16, bfloat16, float32)");
+  require(dtype == at::kHalf || dtype == at::kBFloat16, op, ": unsupported dtype ", dtype,
+          " (supported: float16, bfloat16)");
+  require(query.scalar_type() == dtype && out.scalar_type() == dtype, op,
+          ": query, out and kv_cache must share a dtype, got ", query.scalar_type(), ", ", out.scalar_type(), ", ",
+          dtype);
+  require(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(), op,
+          ": seq_lens must be a contiguous int32 [S] tensor, got ", seq_lens.scalar_type(), " ", seq_lens.sizes());
+  const int64_t num_seqs = seq_lens.size(0);
+  require(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == num_seqs &&
+              block_tables.is_contiguous(),
+          op, ": block_tables must be a contiguous int32 [S=", num_seqs, ", max_blocks] tensor, got ",
+          block_tables.scalar_type(), " ", block_tables.sizes());
+  if (query_start_loc.has_value()) {
+    const at::Tensor& starts = *query_start_loc;
+    check_cuda(starts, op, "query_start_loc", device);
+    require(starts.scalar_type() == at::kInt && starts.dim() == 1 && starts.size(0) == num_seqs + 1 &&
+                starts.is_contiguous(),
+            op, ": query_start_loc must be a contiguous int32 [S + 1 = ", num_seqs + 1, "] tensor, got ",
+            starts.scalar_type(), " ", starts.sizes());
+  } else {
+    require(num_tokens == num_seqs, op, ": without query_start_loc (decode) query needs one row per sequence: ",
+            num_tokens, " rows for ", num_seqs, " sequences");
+  }
+  require(max_seq_len >= 0 && block_tables.size(1) * kv_cache.size(4) >= max_seq_len, op, ": max_seq_len ",
+          max_seq_len, " does not fit block_tables of ", block_tables.size(1), " blocks");
+  require(max_query_len >= 0 && max_query_len <= std::max<int64_t>(max_seq_len, 0), op, ": max_query_len ",
+          max_query_len, " exceeds max_seq_len ", max_seq_len);
   require(partition_mode >= -1 && partition_mode <= 1, op, ": partition_mode must be -1, 0 or 1");
-  paged_attention_decode(out, query, kv_cache, layer, block_tables, seq_lens, scale, max_seq_len, partition_mode);
+  paged_attention(out, query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
+                  max_query_len, partition_mode);
 }
 
 void reshape_and_cache_checked(const at::Tensor& key,            // [T, num_kv_heads, head_size]
@@ -156,13 +174,15 @@ void copy_blocks_checked(at::Tensor& kv_cache,        // [num_blocks, num_layers
 }  // namespace pagedserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "PagedServe CUDA kernels: decode PagedAttention and KV cache writes/copies";
-  m.def("paged_attention_decode", &pagedserve::paged_attention_decode_checked,
-        "Decode PagedAttention into `out`; partition_mode -1 auto, 0 never, 1 always split-K", py::arg("out"),
-        py::arg("query"), py::arg("kv_cache"), py::arg("layer"), py::arg("block_tables"), py::arg("seq_lens"),
-        py::arg("scale"), py::arg("max_seq_len"), py::arg("partition_mode") = -1);
-  m.def("reshape_and_cache", &pagedserve::reshape_and_cache_checked, "Write new K/V of one layer into their slots",
+  m.doc() = "PagedServe CUDA kernels: PagedAttention (decode and prefill) and KV cache writes/copies";
+  m.def("paged_attention", torch::wrap_pybind_function(pagedserve::paged_attention_checked),
+        "PagedAttention of T query tokens over their paged context into `out` (decode when query_start_loc is "
+        "None); partition_mode -1 auto, 0 never, 1 always split-K",
+        py::arg("out"), py::arg("query"), py::arg("kv_cache"), py::arg("layer"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"), py::arg("max_seq_len"),
+        py::arg("max_query_len"), py::arg("partition_mode") = -1);
+  m.def("reshape_and_cache", torch::wrap_pybind_function(pagedserve::reshape_and_cache_checked), "Write new K/V of one layer into their slots",
         py::arg("key"), py::arg("value"), py::arg("kv_cache"), py::arg("layer"), py::arg("slot_mapping"));
-  m.def("copy_blocks", &pagedserve::copy_blocks_checked, "Copy whole blocks src -> dst (copy-on-write)",
+  m.def("copy_blocks", torch::wrap_pybind_function(pagedserve::copy_blocks_checked), "Copy whole blocks src -> dst (copy-on-write)",
         py::arg("kv_cache"), py::arg("pairs"));
 }

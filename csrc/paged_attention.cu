@@ -1,342 +1,551 @@
-// Decode PagedAttention: one query token per sequence attends over its cached context, read through a
-// block table from the all-layers KV cache
+// PagedAttention over block tables, on tensor cores: decode (one query token per sequence) and prefill
+// over paged context (a chunk of new tokens after cached ones), in one kernel.
 //
 //     kv_cache: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]   (contiguous)
 //
-// One thread block handles one (sequence, kv_head) -- and, in the partitioned variant, one partition of
-// PARTITION_SIZE context tokens -- for ALL the query heads of that kv head's GQA group, so each
-// [block_size, head_size] K/V tile is read from device memory once per group, not once per query head.
+// Work decomposition. The rows of one thread block are (query token, query head) pairs of ONE sequence
+// and ONE kv head: the G query heads of a GQA group for as many query tokens as fit in kRows = 16 rows
+// (decode: the group's heads of the single new token; prefill: 16 / G tokens x G heads). Every K/V tile
+// a thread block reads therefore serves the whole group, so a K/V block is loaded once per kv-head
+// group, not once per query head (groups larger than 16 heads take ceil(G / 16) thread blocks).
 //
-// Per KV tile (block_size tokens) the thread block:
-//   1. copies the valid rows of the K and V tiles into shared memory with 16-byte loads (rows at
-//      positions >= seq_len are never read: they may hold garbage or NaN);
-//   2. computes the G x block_size scores, one warp per (head, token) pair, lanes split head_size;
-//   3. updates each head's running max / running sum (online softmax, fp32) and rescales its
-//      accumulator -- no full row of logits is ever stored, so shared memory does not grow with
-//      the context length;
-//   4. accumulates p * V into the fp32 accumulator, one thread per (head, dim) element.
+// The context is cut into sub-tiles of kTileTokens = 16 tokens; the 4 warps of a thread block take
+// sub-tiles round-robin and each runs its own pipeline:
+//   1. cp.async copies the next sub-tile's K and V rows (16-byte chunks, found through the block table,
+//      so any block size works) into the warp's second shared-memory stage while it computes on the
+//      first -- rows past the context are zero-filled, never read;
+//   2. S = Q K^T with mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate), fragments via ldmatrix;
+//   3. causal / length mask, online softmax in the log2 domain (fp32, registers only);
+//   4. O += P V with mma.sync, P re-packed from the S accumulators, V fragments via ldmatrix.trans.
+// At the end the 4 warps' (max, sum, O) are merged through shared memory.
 //
-// The partitioned (split-K) variant runs the same loop over one PARTITION_SIZE slice of the context per
-// thread block and writes that slice's max logit, exp-sum and unnormalised output; a reduce kernel
-// then merges the partitions. It gives long contexts more parallelism when batch * kv_heads alone
-// would leave most SMs idle. The choice is made in `paged_attention_decode` (see the heuristic there).
+// Split-K: with few thread blocks (small batch x kv heads) and long contexts, the context is also cut
+// into kPartitionSize-token partitions, one thread block each; partitions write their unnormalised O,
+// max logit and exp-sum and a reduce kernel merges them. `choose_partitions` decides (heuristic in it).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "dispatch_utils.h"
 
 namespace pagedserve {
 
-constexpr int kNumThreads = 128;       // 4 warps per thread block
 constexpr int kWarpSize = 32;
-constexpr int kPartitionSize = 512;    // tokens per partition of the split-K variant
+constexpr int kNumWarps = 4;
+constexpr int kNumThreads = kNumWarps * kWarpSize;
+constexpr int kRows = 16;              // mma M: (query token, head) rows per thread block
+constexpr int kTileTokens = 16;        // context tokens per warp step (two n8 tiles of S, one k16 of PV)
+constexpr int kPartitionSize = 512;    // context tokens per split-K partition (a multiple of kTileTokens)
+constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// ---------------------------------------------------------------------------------------------------
+// PTX wrappers.
+
+__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 zero-fills the destination without reading.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices; lane i gives the address of row (i % 8) of matrix (i / 8).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row)));
+}
+
+// D[16x8] += A[16x16] B[16x8], fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two b16 values (the first in the low half, as mma fragments expect).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
+// ---------------------------------------------------------------------------------------------------
+// Geometry shared by the host launcher and the kernel.
+
+// Query rows of one thread block: `heads` heads (of one GQA group) for `tokens` query tokens.
+struct RowTiling {
+  int heads;          // min(G, kRows)
+  int tokens;         // kRows / heads query tokens per thread block
+  int head_tiles;     // ceil(G / kRows) thread blocks per (kv head, token tile)
+};
+
+__host__ __device__ inline RowTiling row_tiling(int group) {
+  const int heads = group < kRows ? group : kRows;
+  return RowTiling{heads, kRows / heads, (group + kRows - 1) / kRows};
 }
 
-__host__ __device__ constexpr int round_up16(int bytes) { return (bytes + 15) / 16 * 16; }
+// Shared memory of one thread block, in bytes: the Q tile, then per warp two stages of (K, V) sub-tiles
+// (later reused for the warp's partial O), then per-warp softmax state. Rows are padded by 16 bytes
+// so the 8 row addresses of an ldmatrix fall in 8 different bank groups.
+template <typename T, int HEAD_SIZE>
+struct SharedLayout {
+  static constexpr int kRowElems = HEAD_SIZE + 8;
+  static constexpr int kTileElems = kTileTokens * kRowElems;             // one K or V sub-tile
+  static constexpr int kQBytes = kRows * kRowElems * static_cast<int>(sizeof(T));
+  static constexpr int kWarpBytes = 2 * 2 * kTileElems * static_cast<int>(sizeof(T));   // 2 stages x (K, V)
+  static constexpr int kStateBytes = 2 * kNumWarps * kRows * 4;                         // max, sum
+  static constexpr int kTotal = kQBytes + kNumWarps * kWarpBytes + kStateBytes;
+  static_assert(kRows * HEAD_SIZE * 4 <= kWarpBytes, "a warp's partial O must fit in its staging area");
+  static_assert(kQBytes % 16 == 0 && kWarpBytes % 16 == 0, "sections must stay 16-byte aligned");
+};
 
-// Shared memory of one thread block, in bytes: fp32 queries and accumulators of the group, the group's
-// scores of one tile, per-head softmax state, then one K and one V tile in the cache dtype.
-template <typename scalar_t, int HEAD_SIZE, int BLOCK_SIZE>
-__host__ __device__ constexpr int shared_bytes_fixed_part() {
-  return 2 * round_up16(BLOCK_SIZE * HEAD_SIZE * static_cast<int>(sizeof(scalar_t)));
-}
-__host__ __device__ inline int shared_bytes_group_part(int group, int head_size, int block_size) {
-  return 2 * round_up16(group * head_size * 4)     // q_s, acc_s
-         + round_up16(group * block_size * 4)      // p_s
-         + 3 * round_up16(group * 4);              // m_s, l_s, alpha_s
-}
-
-// Grid: (num_kv_heads, num_seqs, num_partitions); block: kNumThreads; dynamic shared memory as above.
-// Not partitioned (PARTITIONED = false): gridDim.z == 1 and the block covers the whole context.
-template <typename scalar_t, int HEAD_SIZE, int BLOCK_SIZE, bool PARTITIONED>
-__global__ void __launch_bounds__(kNumThreads) paged_attention_decode_kernel(
-    scalar_t* __restrict__ out,                  // [S, num_heads, HEAD_SIZE] (unused when PARTITIONED)
-    float* __restrict__ exp_sums,                // [S, num_heads, max_partitions] (only when PARTITIONED)
-    float* __restrict__ max_logits,              // [S, num_heads, max_partitions] (only when PARTITIONED)
-    float* __restrict__ tmp_out,                 // [S, num_heads, max_partitions, HEAD_SIZE] (PARTITIONED)
-    const scalar_t* __restrict__ query,          // [S, num_heads, HEAD_SIZE], rows strided by q_stride
-    const scalar_t* __restrict__ kv_cache,       // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_SIZE]
-    const int* __restrict__ block_tables,        // [S, max_blocks]
-    const int* __restrict__ seq_lens,            // [S]
-    int layer, int num_heads, int num_kv_heads, int max_blocks, int max_partitions, float scale,
-    int64_t q_stride, int64_t block_stride, int64_t layer_stride, int64_t kv_stride, int64_t head_stride) {
-  const int kv_head = blockIdx.x;
-  const int seq = blockIdx.y;
-  const int partition = blockIdx.z;
-  const int group = num_heads / num_kv_heads;   // query heads sharing this kv head
-  const int tid = threadIdx.x;
-  const int warp = tid / kWarpSize;
-  const int lane = tid % kWarpSize;
-  constexpr int kNumWarps = kNumThreads / kWarpSize;
-
-  const int seq_len = seq_lens[seq];
-  const int ctx_start = PARTITIONED ? partition * kPartitionSize : 0;
-  const int ctx_end = PARTITIONED ? min(seq_len, ctx_start + kPartitionSize) : seq_len;
-  if (PARTITIONED && ctx_start >= seq_len) return;   // the reduce kernel reads only used partitions
-
-  // Shared memory carve-up; every section starts 16-byte aligned.
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* q_s = reinterpret_cast<float*>(smem);                                      // [group, HEAD_SIZE]
-  float* acc_s = q_s + round_up16(group * HEAD_SIZE * 4) / 4;                       // [group, HEAD_SIZE]
-  float* p_s = acc_s + round_up16(group * HEAD_SIZE * 4) / 4;                       // [group, BLOCK_SIZE]
-  float* m_s = p_s + round_up16(group * BLOCK_SIZE * 4) / 4;                        // [group]
-  float* l_s = m_s + round_up16(group * 4) / 4;                                     // [group]
-  float* alpha_s = l_s + round_up16(group * 4) / 4;                                 // [group]
-  scalar_t* k_s = reinterpret_cast<scalar_t*>(alpha_s + round_up16(group * 4) / 4); // [BLOCK_SIZE, HEAD_SIZE]
-  scalar_t* v_s = k_s + round_up16(BLOCK_SIZE * HEAD_SIZE * sizeof(scalar_t)) / sizeof(scalar_t);
-
-  // The group's queries, pre-scaled, in fp32; zeroed accumulators and softmax state.
-  const int first_head = kv_head * group;
-  for (int i = tid; i < group * HEAD_SIZE; i += kNumThreads) {
-    const int g = i / HEAD_SIZE, d = i % HEAD_SIZE;
-    q_s[i] = to_float(query[seq * q_stride + (first_head + g) * HEAD_SIZE + d]) * scale;
-    acc_s[i] = 0.f;
+// Which sequence (and which of its query tokens) the thread block `tile` covers. Decode maps tile i to
+// sequence i. Prefill tiles are numbered sequence after sequence, ceil(q_len / tokens) per sequence;
+// one warp scans query_start_loc 32 sequences at a time with a prefix sum. Returns false past the end.
+__device__ inline bool locate_tile(int tile, const int* __restrict__ query_start_loc, int num_seqs,
+                                   int tokens_per_tile, int& seq, int& first_token) {
+  if (query_start_loc == nullptr) {
+    seq = tile;
+    first_token = 0;
+    return tile < num_seqs;
   }
-  for (int g = tid; g < group; g += kNumThreads) {
-    m_s[g] = -INFINITY;
-    l_s[g] = 0.f;
+  const int lane = threadIdx.x % kWarpSize;
+  int tiles_before = 0;
+  for (int base = 0; base < num_seqs; base += kWarpSize) {
+    const int s = base + lane;
+    const int q_len = s < num_seqs ? query_start_loc[s + 1] - query_start_loc[s] : 0;
+    const int count = (q_len + tokens_per_tile - 1) / tokens_per_tile;
+    int inclusive = count;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    const int local = tile - tiles_before;
+    const unsigned hit = __ballot_sync(0xffffffffu, local < inclusive && local >= inclusive - count && count > 0);
+    if (hit != 0) {
+      const int owner = __ffs(hit) - 1;
+      seq = base + owner;
+      first_token = (local - __shfl_sync(0xffffffffu, inclusive - count, owner)) * tokens_per_tile;
+      return true;
+    }
+    tiles_before += __shfl_sync(0xffffffffu, inclusive, kWarpSize - 1);
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The attention kernel.
+//
+// Grid: (row tiles, num_kv_heads * head_tiles, partitions); block: kNumThreads; dynamic shared memory
+// SharedLayout<T, HEAD_SIZE>::kTotal. Not partitioned: gridDim.z == 1, one thread block per row tile
+// covers the whole context and writes `out`; partitioned: writes tmp_out / max_logits / exp_sums.
+template <typename T, int HEAD_SIZE, bool PARTITIONED>
+__global__ void __launch_bounds__(kNumThreads) paged_attention_kernel(
+    T* __restrict__ out,                       // [num_tokens, num_heads, HEAD_SIZE] (not PARTITIONED)
+    float* __restrict__ exp_sums,              // [num_tokens, num_heads, partitions] (PARTITIONED)
+    float* __restrict__ max_logits,            // [num_tokens, num_heads, partitions], log2 domain (PARTITIONED)
+    float* __restrict__ tmp_out,               // [num_tokens, num_heads, partitions, HEAD_SIZE] (PARTITIONED)
+    const T* __restrict__ query,               // [num_tokens, num_heads, HEAD_SIZE], rows strided by q_stride
+    const T* __restrict__ kv_cache,            // [num_blocks, num_layers, 2, num_kv_heads, block_size, HEAD_SIZE]
+    const int* __restrict__ block_tables,      // [num_seqs, max_blocks]
+    const int* __restrict__ seq_lens,          // [num_seqs]: context length including the new tokens
+    const int* __restrict__ query_start_loc,   // [num_seqs + 1] token offsets; nullptr = decode (1 per seq)
+    int num_seqs, int layer, int num_heads, int num_kv_heads, int block_size, int max_blocks, int partitions,
+    float scale_log2, int64_t q_stride, int64_t block_stride, int64_t layer_stride, int64_t kv_stride,
+    int64_t head_stride) {
+  using Layout = SharedLayout<T, HEAD_SIZE>;
+  constexpr int kRowElems = Layout::kRowElems;
+  constexpr int kChunksPerRow = HEAD_SIZE / 8;                       // 16-byte chunks per K/V row
+  constexpr int kChunksPerLane = kTileTokens * kChunksPerRow / kWarpSize;
+  constexpr int kKSteps = HEAD_SIZE / 16;                            // k16 steps of S = Q K^T
+  constexpr int kNTiles = HEAD_SIZE / 8;                             // n8 tiles of O
+
+  const int group = num_heads / num_kv_heads;
+  const RowTiling tiling = row_tiling(group);
+  const int kv_head = blockIdx.y / tiling.head_tiles;
+  const int first_head = kv_head * group + (blockIdx.y % tiling.head_tiles) * kRows;   // query head of row 0
+  const int heads_here = min(tiling.heads, kv_head * group + group - first_head);
+  const int partition = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+
+  int seq, first_token;
+  if (!locate_tile(blockIdx.x, query_start_loc, num_seqs, tiling.tokens, seq, first_token)) return;
+  const int token_base = query_start_loc == nullptr ? seq : query_start_loc[seq];   // flat index of token 0
+  const int q_len = query_start_loc == nullptr ? 1 : query_start_loc[seq + 1] - token_base;
+  const int seq_len = seq_lens[seq];
+  const int tokens_here = min(tiling.tokens, q_len - first_token);
+  // Query token j of the sequence sits at position seq_len - q_len + j and sees keys up to it.
+  const int last_position = seq_len - q_len + first_token + tokens_here - 1;
+  const int range_start = PARTITIONED ? partition * kPartitionSize : 0;
+  const int range_end = PARTITIONED ? min(last_position + 1, range_start + kPartitionSize) : last_position + 1;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem);                                                  // [kRows, kRowElems]
+  T* warp_s = reinterpret_cast<T*>(smem + Layout::kQBytes + warp * Layout::kWarpBytes);  // 2 x [K, V]
+  float* max_s = reinterpret_cast<float*>(smem + Layout::kQBytes + kNumWarps * Layout::kWarpBytes);  // [warps, rows]
+  float* sum_s = max_s + kNumWarps * kRows;                                                          // [warps, rows]
+
+  // Row r of the tile is (query token first_token + r / heads, query head first_head + r % heads).
+  auto row_valid = [&](int r) { return r / tiling.heads < tokens_here && r % tiling.heads < heads_here; };
+
+  // The Q tile -> shared memory (zeros in padding rows), 16 bytes per thread per step.
+  for (int i = tid; i < kRows * kChunksPerRow; i += kNumThreads) {
+    const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row_valid(r)) {
+      const int64_t token = token_base + first_token + r / tiling.heads;
+      v = *reinterpret_cast<const uint4*>(query + token * q_stride + (first_head + r % tiling.heads) * HEAD_SIZE +
+                                          c * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + r * kRowElems + c * 8) = v;
   }
   __syncthreads();
 
-  const scalar_t* layer_base = kv_cache + layer * layer_stride + kv_head * head_stride;
-  constexpr int kVecElems = 16 / sizeof(scalar_t);   // elements per 16-byte load
-  const int first_tile = ctx_start / BLOCK_SIZE;     // kPartitionSize is a multiple of BLOCK_SIZE
-  const int last_tile = (ctx_end + BLOCK_SIZE - 1) / BLOCK_SIZE;
-  for (int tile = first_tile; tile < last_tile; ++tile) {
-    const int tile_start = tile * BLOCK_SIZE;
-    const int valid = min(BLOCK_SIZE, ctx_end - tile_start);   // rows of this tile inside the context
-    const int64_t block = block_tables[static_cast<int64_t>(seq) * max_blocks + tile];
-    const scalar_t* k_tile = layer_base + block * block_stride;
-    const scalar_t* v_tile = k_tile + kv_stride;
+  // This thread's two accumulator rows (mma C layout: rows lane / 4 and lane / 4 + 8) and how far into
+  // the context each may look: its causal limit inside [range_start, range_end); padding rows see nothing.
+  const int row0 = lane / 4, row1 = row0 + 8;
+  auto row_limit = [&](int r) {
+    if (!row_valid(r)) return range_start;
+    return min(range_end, seq_len - q_len + first_token + r / tiling.heads + 1);
+  };
+  const int limit0 = row_limit(row0), limit1 = row_limit(row1);
 
-    // 1. Valid rows of the K and V tiles (contiguous [valid, HEAD_SIZE] each) -> shared memory.
-    //    HEAD_SIZE is a multiple of 16, so a row is a whole number of 16-byte vectors.
-    const int num_vecs = valid * HEAD_SIZE / kVecElems;
-    for (int i = tid; i < num_vecs; i += kNumThreads) {
-      reinterpret_cast<uint4*>(k_s)[i] = reinterpret_cast<const uint4*>(k_tile)[i];
-      reinterpret_cast<uint4*>(v_s)[i] = reinterpret_cast<const uint4*>(v_tile)[i];
-    }
-    __syncthreads();
-
-    // 2. Scores: one warp per (head g, token t); lanes split the head dimension.
-    for (int pair = warp; pair < group * BLOCK_SIZE; pair += kNumWarps) {
-      const int g = pair / BLOCK_SIZE, t = pair % BLOCK_SIZE;
-      if (t >= valid) {                 // warp-uniform: the whole warp skips masked tokens
-        if (lane == 0) p_s[pair] = -INFINITY;
-        continue;
-      }
-      float dot = 0.f;
+  float o[kNTiles][4];
 #pragma unroll
-      for (int d = lane; d < HEAD_SIZE; d += kWarpSize) dot += q_s[g * HEAD_SIZE + d] * to_float(k_s[t * HEAD_SIZE + d]);
-      dot = warp_sum(dot);
-      if (lane == 0) p_s[pair] = dot;
-    }
-    __syncthreads();
+  for (int n = 0; n < kNTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;   // running max (log2) and this lane's sum part
 
-    // 3. Online softmax per head: new running max, rescale factor, probabilities of this tile.
-    for (int g = tid; g < group; g += kNumThreads) {
-      float tile_max = -INFINITY;
-      for (int t = 0; t < valid; ++t) tile_max = fmaxf(tile_max, p_s[g * BLOCK_SIZE + t]);
-      const float m_old = m_s[g];
-      const float m_new = fmaxf(m_old, tile_max);                  // finite: valid >= 1
-      const float alpha = m_old == -INFINITY ? 0.f : __expf(m_old - m_new);
-      float sum = 0.f;
-      for (int t = 0; t < valid; ++t) {
-        const float p = __expf(p_s[g * BLOCK_SIZE + t] - m_new);
-        p_s[g * BLOCK_SIZE + t] = p;
-        sum += p;
+  const T* layer_base = kv_cache + layer * layer_stride + kv_head * head_stride;
+  const int* table = block_tables + static_cast<int64_t>(seq) * max_blocks;
+  const int num_subtiles = range_end > range_start ? (range_end - range_start + kTileTokens - 1) / kTileTokens : 0;
+
+  // Issue the copies of sub-tile `st` into stage `stage` of this warp (a no-op past the warp's last).
+  auto load_subtile = [&](int st, int stage) {
+    if (st >= num_subtiles) return;
+    T* k_dst = warp_s + stage * 2 * Layout::kTileElems;
+    T* v_dst = k_dst + Layout::kTileElems;
+#pragma unroll
+    for (int i = 0; i < kChunksPerLane; ++i) {
+      const int chunk = lane + i * kWarpSize;
+      const int t = chunk / kChunksPerRow, c = chunk % kChunksPerRow;
+      const int position = range_start + st * kTileTokens + t;
+      const bool inside = position < range_end;
+      const T* src = layer_base;   // any valid address when zero-filling
+      if (inside) {
+        const int64_t block = table[position / block_size];
+        src = layer_base + block * block_stride + static_cast<int64_t>(position % block_size) * HEAD_SIZE + c * 8;
       }
-      m_s[g] = m_new;
-      l_s[g] = l_s[g] * alpha + sum;
-      alpha_s[g] = alpha;
+      cp_async_16(k_dst + t * kRowElems + c * 8, src, inside ? 16 : 0);
+      cp_async_16(v_dst + t * kRowElems + c * 8, inside ? src + kv_stride : src, inside ? 16 : 0);
     }
-    __syncthreads();
+  };
 
-    // 4. acc = acc * alpha + P @ V, one thread per (head, dim); consecutive threads read consecutive
-    //    dims of a V row (no bank conflicts) and the same probability (a broadcast).
-    for (int i = tid; i < group * HEAD_SIZE; i += kNumThreads) {
-      const int g = i / HEAD_SIZE, d = i % HEAD_SIZE;
-      float acc = acc_s[i] * alpha_s[g];
-      for (int t = 0; t < valid; ++t) acc += p_s[g * BLOCK_SIZE + t] * to_float(v_s[t * HEAD_SIZE + d]);
-      acc_s[i] = acc;
+  load_subtile(warp, 0);
+  cp_async_commit();
+  for (int step = 0, st = warp; st < num_subtiles; ++step, st += kNumWarps) {
+    const int stage = step & 1;
+    load_subtile(st + kNumWarps, stage ^ 1);   // prefetch the next sub-tile while computing this one
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const T* k_s = warp_s + stage * 2 * Layout::kTileElems;
+    const T* v_s = k_s + Layout::kTileElems;
+
+    // S[16 rows x 16 tokens] = Q K^T: s[0] = tokens 0-7 (n-tile 0), s[1] = tokens 8-15 (n-tile 1).
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t a[4], b[4];
+      const int m = lane / 8;
+      ldmatrix_x4(a, q_s + ((m % 2) * 8 + lane % 8) * kRowElems + kk * 16 + (m / 2) * 8);
+      ldmatrix_x4(b, k_s + ((m / 2) * 8 + lane % 8) * kRowElems + kk * 16 + (m % 2) * 8);
+      mma_16816<T>(s[0], a, b[0], b[1]);
+      mma_16816<T>(s[1], a, b[2], b[3]);
     }
-    __syncthreads();   // the next tile overwrites k_s, v_s and p_s
+
+    // Mask and online softmax (log2 domain). In the mma C layout this lane holds row0 at s[n][0..1] and
+    // row1 at s[n][2..3]; the token of s[n][c] is tile start + n * 8 + (lane % 4) * 2 + c % 2.
+    const int tile_start = range_start + st * kTileTokens;
+    float tile_max0 = -INFINITY, tile_max1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int position = tile_start + n * 8 + (lane % 4) * 2 + c % 2;
+        const bool visible = position < (c < 2 ? limit0 : limit1);
+        s[n][c] = visible ? s[n][c] * scale_log2 : -INFINITY;
+        if (c < 2) tile_max0 = fmaxf(tile_max0, s[n][c]);
+        else tile_max1 = fmaxf(tile_max1, s[n][c]);
+      }
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset *= 2) {   // the 4 lanes of a quad share rows
+      tile_max0 = fmaxf(tile_max0, __shfl_xor_sync(0xffffffffu, tile_max0, offset));
+      tile_max1 = fmaxf(tile_max1, __shfl_xor_sync(0xffffffffu, tile_max1, offset));
+    }
+    const float new0 = fmaxf(m0, tile_max0), new1 = fmaxf(m1, tile_max1);
+    // A row with nothing visible yet keeps max -inf; subtracting 0 instead keeps exp2 away from NaN.
+    const float ref0 = new0 == -INFINITY ? 0.f : new0, ref1 = new1 == -INFINITY ? 0.f : new1;
+    const float alpha0 = exp2f(m0 - ref0), alpha1 = exp2f(m1 - ref1);
+    m0 = new0;
+    m1 = new1;
+    float p[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) p[n][c] = exp2f(s[n][c] - (c < 2 ? ref0 : ref1));
+    }
+    l0 = l0 * alpha0 + p[0][0] + p[0][1] + p[1][0] + p[1][1];
+    l1 = l1 * alpha1 + p[0][2] + p[0][3] + p[1][2] + p[1][3];
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) {
+      o[n][0] *= alpha0;
+      o[n][1] *= alpha0;
+      o[n][2] *= alpha1;
+      o[n][3] *= alpha1;
+    }
+
+    // O += P V: P's A fragment is the S accumulators re-packed (the C layout of two n8 tiles is the A
+    // layout of one k16 step); V's B fragments come transposed from its [token, dim] rows.
+    const uint32_t pa[4] = {pack2<T>(p[0][0], p[0][1]), pack2<T>(p[0][2], p[0][3]), pack2<T>(p[1][0], p[1][1]),
+                            pack2<T>(p[1][2], p[1][3])};
+#pragma unroll
+    for (int n = 0; n < kNTiles; n += 2) {
+      uint32_t b[4];
+      const int m = lane / 8;
+      ldmatrix_x4_trans(b, v_s + ((m % 2) * 8 + lane % 8) * kRowElems + n * 8 + (m / 2) * 8);
+      mma_16816<T>(o[n], pa, b[0], b[1]);
+      mma_16816<T>(o[n + 1], pa, b[2], b[3]);
+    }
+    __syncwarp();   // every lane is done with this stage before it is refilled
   }
+  cp_async_wait<0>();
+  __syncwarp();
 
-  if constexpr (PARTITIONED) {
-    for (int i = tid; i < group * HEAD_SIZE; i += kNumThreads) {
-      const int g = i / HEAD_SIZE, d = i % HEAD_SIZE;
-      const int64_t row = (static_cast<int64_t>(seq) * num_heads + first_head + g) * max_partitions + partition;
-      tmp_out[row * HEAD_SIZE + d] = acc_s[i];
-      if (d == 0) {
-        max_logits[row] = m_s[g];
-        exp_sums[row] = l_s[g];
+  // This warp's partial result -> its (now free) staging area: O [kRows, HEAD_SIZE] fp32, max, sum.
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  float* o_s = reinterpret_cast<float*>(warp_s);
+#pragma unroll
+  for (int n = 0; n < kNTiles; ++n) {
+    const int col = n * 8 + (lane % 4) * 2;
+    o_s[row0 * HEAD_SIZE + col] = o[n][0];
+    o_s[row0 * HEAD_SIZE + col + 1] = o[n][1];
+    o_s[row1 * HEAD_SIZE + col] = o[n][2];
+    o_s[row1 * HEAD_SIZE + col + 1] = o[n][3];
+  }
+  if (lane % 4 == 0) {
+    max_s[warp * kRows + row0] = m0;
+    max_s[warp * kRows + row1] = m1;
+    sum_s[warp * kRows + row0] = l0;
+    sum_s[warp * kRows + row1] = l1;
+  }
+  __syncthreads();
+
+  // Merge the warps: O = sum_w 2^(m_w - M) O_w, L = sum_w 2^(m_w - M) l_w; one thread per (row, dim).
+  for (int i = tid; i < kRows * HEAD_SIZE; i += kNumThreads) {
+    const int r = i / HEAD_SIZE, d = i % HEAD_SIZE;
+    if (!row_valid(r)) continue;
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) row_max = fmaxf(row_max, max_s[w * kRows + r]);
+    float acc = 0.f, total = 0.f;
+    if (row_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kNumWarps; ++w) {
+        const float weight = exp2f(max_s[w * kRows + r] - row_max);   // 0 for a warp that saw nothing
+        acc += weight * reinterpret_cast<const float*>(smem + Layout::kQBytes + w * Layout::kWarpBytes)[i];
+        total += weight * sum_s[w * kRows + r];
       }
     }
-  } else {
-    for (int i = tid; i < group * HEAD_SIZE; i += kNumThreads) {
-      const int g = i / HEAD_SIZE, d = i % HEAD_SIZE;
-      const float l = l_s[g];
-      const float value = l > 0.f ? acc_s[i] / l : 0.f;   // seq_len == 0 gives zeros, not NaN
-      out[(static_cast<int64_t>(seq) * num_heads + first_head + g) * HEAD_SIZE + d] = from_float<scalar_t>(value);
+    const int64_t token = token_base + first_token + r / tiling.heads;
+    const int64_t head_row = token * num_heads + first_head + r % tiling.heads;   // (token, head)
+    if constexpr (PARTITIONED) {
+      const int64_t slot = head_row * partitions + partition;
+      tmp_out[slot * HEAD_SIZE + d] = acc;
+      if (d == 0) {
+        max_logits[slot] = row_max;
+        exp_sums[slot] = total;
+      }
+    } else {
+      out[head_row * HEAD_SIZE + d] = from_float<T>(total > 0.f ? acc / total : 0.f);   // empty context -> 0
     }
   }
 }
 
-// Merges the partitions of one (sequence, head): out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p.
-// Grid: (num_heads, S); block: kNumThreads.
-template <typename scalar_t, int HEAD_SIZE>
+// Merges the partitions of one (token, head): out = sum_p 2^(m_p - M) O_p / sum_p 2^(m_p - M) l_p.
+// Partitions a row could not see hold max -inf (and unwritten O), and are skipped.
+// Grid: (num_tokens, num_heads); block: kNumThreads.
+template <typename T, int HEAD_SIZE>
 __global__ void __launch_bounds__(kNumThreads) paged_attention_reduce_kernel(
-    scalar_t* __restrict__ out,                  // [S, num_heads, HEAD_SIZE]
-    const float* __restrict__ exp_sums,          // [S, num_heads, max_partitions]
-    const float* __restrict__ max_logits,        // [S, num_heads, max_partitions]
-    const float* __restrict__ tmp_out,           // [S, num_heads, max_partitions, HEAD_SIZE]
-    const int* __restrict__ seq_lens,            // [S]
-    int num_heads, int max_partitions) {
-  const int head = blockIdx.x;
-  const int seq = blockIdx.y;
-  const int num_partitions = (seq_lens[seq] + kPartitionSize - 1) / kPartitionSize;
-  const int64_t row = (static_cast<int64_t>(seq) * num_heads + head) * max_partitions;
-  // A handful of partitions: each thread scans them itself rather than synchronising on a reduction.
+    T* __restrict__ out,                     // [num_tokens, num_heads, HEAD_SIZE]
+    const float* __restrict__ exp_sums,      // [num_tokens, num_heads, partitions]
+    const float* __restrict__ max_logits,    // [num_tokens, num_heads, partitions]
+    const float* __restrict__ tmp_out,       // [num_tokens, num_heads, partitions, HEAD_SIZE]
+    int num_heads, int partitions) {
+  const int64_t head_row = static_cast<int64_t>(blockIdx.x) * num_heads + blockIdx.y;
+  const float* maxes = max_logits + head_row * partitions;
+  const float* sums = exp_sums + head_row * partitions;
   float global_max = -INFINITY;
-  for (int p = 0; p < num_partitions; ++p) global_max = fmaxf(global_max, max_logits[row + p]);
+  for (int p = 0; p < partitions; ++p) global_max = fmaxf(global_max, maxes[p]);
   float denom = 0.f;
-  for (int p = 0; p < num_partitions; ++p) denom += __expf(max_logits[row + p] - global_max) * exp_sums[row + p];
+  if (global_max != -INFINITY) {
+    for (int p = 0; p < partitions; ++p) {
+      if (maxes[p] != -INFINITY) denom += exp2f(maxes[p] - global_max) * sums[p];
+    }
+  }
   const float inv_denom = denom > 0.f ? 1.f / denom : 0.f;
   for (int d = threadIdx.x; d < HEAD_SIZE; d += kNumThreads) {
     float acc = 0.f;
-    for (int p = 0; p < num_partitions; ++p) {
-      acc += __expf(max_logits[row + p] - global_max) * tmp_out[(row + p) * HEAD_SIZE + d];
+    for (int p = 0; p < partitions; ++p) {
+      if (maxes[p] != -INFINITY) acc += exp2f(maxes[p] - global_max) * tmp_out[(head_row * partitions + p) * HEAD_SIZE + d];
     }
-    out[(static_cast<int64_t>(seq) * num_heads + head) * HEAD_SIZE + d] = from_float<scalar_t>(acc * inv_denom);
+    out[head_row * HEAD_SIZE + d] = from_float<T>(acc * inv_denom);
   }
 }
 
-template <typename scalar_t, int HEAD_SIZE, int BLOCK_SIZE>
-void launch_decode(at::Tensor& out,               // [S, num_heads, HEAD_SIZE]
-                   const at::Tensor& query,       // [S, num_heads, HEAD_SIZE]
-                   const at::Tensor& kv_cache,    // [num_blocks, num_layers, 2, num_kv_heads, BLOCK_SIZE, HEAD_SIZE]
-                   int64_t layer,
-                   const at::Tensor& block_tables,   // [S, max_blocks] int32
-                   const at::Tensor& seq_lens,       // [S] int32
-                   double scale, bool partitioned, int64_t max_seq_len) {
-  const int num_seqs = static_cast<int>(query.size(0));
-  const int num_heads = static_cast<int>(query.size(1));
-  const int num_kv_heads = static_cast<int>(kv_cache.size(3));
-  const int group = num_heads / num_kv_heads;
-  const int max_blocks = static_cast<int>(block_tables.size(1));
-  const int smem = shared_bytes_fixed_part<scalar_t, HEAD_SIZE, BLOCK_SIZE>() +
-                   shared_bytes_group_part(group, HEAD_SIZE, BLOCK_SIZE);
-  const int device = query.get_device();
-  int smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(smem <= smem_limit, "paged_attention_decode: a GQA group of ", group, " heads of size ", HEAD_SIZE,
-              " needs ", smem, " bytes of shared memory; this GPU allows ", smem_limit);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
-  const int num_partitions = partitioned ? static_cast<int>((max_seq_len + kPartitionSize - 1) / kPartitionSize) : 1;
-  const dim3 grid(num_kv_heads, num_seqs, std::max(num_partitions, 1));
-  const int64_t q_stride = query.stride(0);
+// ---------------------------------------------------------------------------------------------------
+// Host side.
 
-  using cuda_t = typename CudaType<scalar_t>::type;
-  auto* out_ptr = reinterpret_cast<cuda_t*>(out.data_ptr());
-  const auto* q_ptr = reinterpret_cast<const cuda_t*>(query.data_ptr());
-  const auto* kv_ptr = reinterpret_cast<const cuda_t*>(kv_cache.data_ptr());
-  const int* table_ptr = block_tables.data_ptr<int>();
-  const int* len_ptr = seq_lens.data_ptr<int>();
-  const auto fscale = static_cast<float>(scale);
-  const int layer_i = static_cast<int>(layer);
+// Split-K heuristic. Without partitions there is one thread block per (row tile, kv head); partitions
+// multiply that by ceil(max_seq_len / kPartitionSize) at the price of a reduce kernel and an fp32 round
+// trip of O. They pay when the unsplit grid cannot keep every SM streaming: fewer thread blocks than
+// kMinBlocksPerSm per SM, and a context long enough to split (more than one partition).
+constexpr int kMinBlocksPerSm = 3;
 
-  if (!partitioned) {
-    auto kernel = paged_attention_decode_kernel<cuda_t, HEAD_SIZE, BLOCK_SIZE, false>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kNumThreads, smem, stream>>>(
-        out_ptr, nullptr, nullptr, nullptr, q_ptr, kv_ptr, table_ptr, len_ptr, layer_i, num_heads, num_kv_heads,
-        max_blocks, 1, fscale, q_stride, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  auto float_opts = query.options().dtype(at::kFloat);
-  at::Tensor exp_sums = at::empty({num_seqs, num_heads, num_partitions}, float_opts);     // [S, H, P]
-  at::Tensor max_logits = at::empty({num_seqs, num_heads, num_partitions}, float_opts);   // [S, H, P]
-  at::Tensor tmp_out = at::empty({num_seqs, num_heads, num_partitions, HEAD_SIZE}, float_opts);  // [S, H, P, D]
-  auto kernel = paged_attention_decode_kernel<cuda_t, HEAD_SIZE, BLOCK_SIZE, true>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, kNumThreads, smem, stream>>>(
-      out_ptr, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(), tmp_out.data_ptr<float>(), q_ptr,
-      kv_ptr, table_ptr, len_ptr, layer_i, num_heads, num_kv_heads, max_blocks, num_partitions, fscale, q_stride,
-      kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  paged_attention_reduce_kernel<cuda_t, HEAD_SIZE><<<dim3(num_heads, num_seqs), kNumThreads, 0, stream>>>(
-      out_ptr, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(), tmp_out.data_ptr<float>(), len_ptr,
-      num_heads, num_partitions);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+int choose_partitions(int64_t unsplit_blocks, int64_t max_seq_len, int64_t partition_mode, int device) {
+  const int64_t partitions = (max_seq_len + kPartitionSize - 1) / kPartitionSize;
+  if (partition_mode == 1) return static_cast<int>(std::max<int64_t>(partitions, 1));
+  if (partition_mode == 0 || partitions <= 1) return 0;
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  return unsplit_blocks < static_cast<int64_t>(kMinBlocksPerSm) * num_sms ? static_cast<int>(partitions) : 0;
 }
 
 template <typename scalar_t, int HEAD_SIZE>
-void dispatch_block_size(at::Tensor& out,              // [S, num_heads, HEAD_SIZE]
-                         const at::Tensor& query,      // [S, num_heads, HEAD_SIZE]
-                         const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, HEAD_SIZE]
-                         int64_t layer,
-                         const at::Tensor& block_tables,   // [S, max_blocks] int32
-                         const at::Tensor& seq_lens,       // [S] int32
-                         double scale, bool partitioned, int64_t max_seq_len) {
-  const int64_t block_size = kv_cache.size(4);
-  switch (block_size) {
-#define PAGEDSERVE_BLOCK_CASE(BS)                                                                               \
-  case BS:                                                                                                     \
-    launch_decode<scalar_t, HEAD_SIZE, BS>(out, query, kv_cache, layer, block_tables, seq_lens, scale, partitioned, \
-                                           max_seq_len);                                                       \
-    break;
-    PAGEDSERVE_BLOCK_CASE(8)
-    PAGEDSERVE_BLOCK_CASE(16)
-    PAGEDSERVE_BLOCK_CASE(32)
-#undef PAGEDSERVE_BLOCK_CASE
-    default:
-      TORCH_CHECK(false, "paged_attention_decode: unsupported block size ", block_size,
-                  " (supported: 8, 16, 32)");
+void launch_paged_attention(at::Tensor& out,               // [T, num_heads, HEAD_SIZE]
+                            const at::Tensor& query,       // [T, num_heads, HEAD_SIZE]
+                            const at::Tensor& kv_cache,    // [num_blocks, num_layers, 2, num_kv_heads, block_size, HEAD_SIZE]
+                            int64_t layer,
+                            const at::Tensor& block_tables,                    // [S, max_blocks] int32
+                            const at::Tensor& seq_lens,                        // [S] int32
+                            const std::optional<at::Tensor>& query_start_loc,  // [S + 1] int32, or none (decode)
+                            double scale, int64_t max_seq_len, int64_t max_query_len, int64_t partition_mode) {
+  using T = typename CudaType<scalar_t>::type;
+  using Layout = SharedLayout<T, HEAD_SIZE>;
+  const int num_tokens = static_cast<int>(query.size(0));
+  const int num_seqs = static_cast<int>(seq_lens.size(0));
+  const int num_heads = static_cast<int>(query.size(1));
+  const int num_kv_heads = static_cast<int>(kv_cache.size(3));
+  const RowTiling tiling = row_tiling(num_heads / num_kv_heads);
+  // Decode: one tile per sequence. Prefill: ceil(q_len / tokens) per sequence, at most this many.
+  const bool decode = !query_start_loc.has_value();
+  const int64_t row_tiles = decode ? num_seqs : (num_tokens + tiling.tokens - 1) / tiling.tokens + num_seqs;
+  const int device = query.get_device();
+  const int partitions =
+      choose_partitions(row_tiles * num_kv_heads * tiling.head_tiles, max_seq_len, partition_mode, device);
+  const dim3 grid(static_cast<unsigned>(row_tiles), num_kv_heads * tiling.head_tiles, std::max(partitions, 1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
+
+  auto* out_ptr = reinterpret_cast<T*>(out.data_ptr());
+  const auto* q_ptr = reinterpret_cast<const T*>(query.data_ptr());
+  const auto* kv_ptr = reinterpret_cast<const T*>(kv_cache.data_ptr());
+  const int* starts = decode ? nullptr : query_start_loc->data_ptr<int>();
+  const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  const int block_size = static_cast<int>(kv_cache.size(4));
+  const int max_blocks = static_cast<int>(block_tables.size(1));
+  (void)max_query_len;   // bounded by num_tokens; kept in the signature for future tilings
+
+  auto run = [&](auto kernel, float* sums, float* maxes, float* partial, int parts) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kTotal));
+    kernel<<<grid, kNumThreads, Layout::kTotal, stream>>>(
+        out_ptr, sums, maxes, partial, q_ptr, kv_ptr, block_tables.data_ptr<int>(), seq_lens.data_ptr<int>(),
+        starts, num_seqs, static_cast<int>(layer), num_heads, num_kv_heads, block_size, max_blocks, parts,
+        scale_log2, query.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (partitions == 0) {
+    run(paged_attention_kernel<T, HEAD_SIZE, false>, nullptr, nullptr, nullptr, 1);
+    return;
   }
+  auto float_opts = query.options().dtype(at::kFloat);
+  at::Tensor exp_sums = at::empty({num_tokens, num_heads, partitions}, float_opts);                // [T, H, P]
+  at::Tensor max_logits = at::empty({num_tokens, num_heads, partitions}, float_opts);              // [T, H, P]
+  at::Tensor tmp_out = at::empty({num_tokens, num_heads, partitions, HEAD_SIZE}, float_opts);      // [T, H, P, D]
+  run(paged_attention_kernel<T, HEAD_SIZE, true>, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(),
+      tmp_out.data_ptr<float>(), partitions);
+  paged_attention_reduce_kernel<T, HEAD_SIZE><<<dim3(num_tokens, num_heads), kNumThreads, 0, stream>>>(
+      out_ptr, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(), tmp_out.data_ptr<float>(), num_heads,
+      partitions);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void dispatch_head_size(at::Tensor& out,              // [S, num_heads, head_size]
-                        const at::Tensor& query,      // [S, num_heads, head_size]
+void dispatch_head_size(at::Tensor& out,              // [T, num_heads, head_size]
+                        const at::Tensor& query,      // [T, num_heads, head_size]
                         const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
                         int64_t layer,
-                        const at::Tensor& block_tables,   // [S, max_blocks] int32
-                        const at::Tensor& seq_lens,       // [S] int32
-                        double scale, bool partitioned, int64_t max_seq_len) {
-  const int64_t head_size = query.size(2);
-  switch (head_size) {
-#define PAGEDSERVE_HEAD_CASE(D)                                                                                 \
-  case D:                                                                                                      \
-    dispatch_block_size<scalar_t, D>(out, query, kv_cache, layer, block_tables, seq_lens, scale, partitioned,     \
-                                     max_seq_len);                                                             \
+                        const at::Tensor& block_tables,                    // [S, max_blocks] int32
+                        const at::Tensor& seq_lens,                        // [S] int32
+                        const std::optional<at::Tensor>& query_start_loc,  // [S + 1] int32, or none
+                        double scale, int64_t max_seq_len, int64_t max_query_len, int64_t partition_mode) {
+  switch (query.size(2)) {
+#define PAGEDSERVE_HEAD_CASE(D)                                                                                   \
+  case D:                                                                                                        \
+    launch_paged_attention<scalar_t, D>(out, query, kv_cache, layer, block_tables, seq_lens, query_start_loc,     \
+                                        scale, max_seq_len, max_query_len, partition_mode);                      \
     break;
     PAGEDSERVE_HEAD_CASE(64)
     PAGEDSERVE_HEAD_CASE(80)
@@ -345,51 +554,35 @@ void dispatch_head_size(at::Tensor& out,              // [S, num_heads, head_siz
     PAGEDSERVE_HEAD_CASE(256)
 #undef PAGEDSERVE_HEAD_CASE
     default:
-      TORCH_CHECK(false, "paged_attention_decode: unsupported head size ", head_size,
+      TORCH_CHECK(false, "paged_attention: unsupported head size ", query.size(2),
                   " (supported: 64, 80, 96, 128, 256)");
   }
 }
 
-// Heuristic (a first guess; a measured one comes later): split the context into kPartitionSize-token
-// partitions when the longest context exceeds two partitions AND the unsplit grid (S * num_kv_heads
-// thread blocks) would not give every SM at least two blocks -- then the extra parallelism of the
-// partitions pays for the reduce kernel and the fp32 round trip through device memory.
-bool use_partitions(int64_t num_seqs, int64_t num_kv_heads, int64_t max_seq_len, int device) {
-  if (max_seq_len <= 2 * kPartitionSize) return false;
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
-  return num_seqs * num_kv_heads < 2 * static_cast<int64_t>(num_sms);
-}
-
-// partition_mode: -1 chooses with `use_partitions`, 0 never partitions, 1 always partitions (tests).
-// Inputs are checked by the binding (bindings.cpp). The grid has ceil(max_seq_len / kPartitionSize)
-// partitions, so max_seq_len must be >= every seq_lens entry.
-void paged_attention_decode(at::Tensor& out,              // [S, num_heads, head_size]
-                            const at::Tensor& query,      // [S, num_heads, head_size]
-                            const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
-                            int64_t layer,
-                            const at::Tensor& block_tables,   // [S, max_blocks] int32
-                            const at::Tensor& seq_lens,       // [S] int32
-                            double scale, int64_t max_seq_len, int64_t partition_mode) {
-  if (query.size(0) == 0) return;
+// Inputs are checked by the binding (bindings.cpp). Every seq_lens entry must be <= max_seq_len, and
+// each sequence's query length <= its seq_len.
+void paged_attention(at::Tensor& out,              // [T, num_heads, head_size]
+                     const at::Tensor& query,      // [T, num_heads, head_size]
+                     const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+                     int64_t layer,
+                     const at::Tensor& block_tables,                    // [S, max_blocks] int32
+                     const at::Tensor& seq_lens,                        // [S] int32
+                     const std::optional<at::Tensor>& query_start_loc,  // [S + 1] int32, or none (decode)
+                     double scale, int64_t max_seq_len, int64_t max_query_len, int64_t partition_mode) {
+  if (query.size(0) == 0 || seq_lens.size(0) == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(query.device());
-  const bool partitioned =
-      partition_mode == 1 ||
-      (partition_mode == -1 && use_partitions(query.size(0), kv_cache.size(3), max_seq_len, query.get_device()));
   switch (query.scalar_type()) {
     case at::kHalf:
-      dispatch_head_size<at::Half>(out, query, kv_cache, layer, block_tables, seq_lens, scale, partitioned, max_seq_len);
+      dispatch_head_size<at::Half>(out, query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
+                                   max_seq_len, max_query_len, partition_mode);
       break;
     case at::kBFloat16:
-      dispatch_head_size<at::BFloat16>(out, query, kv_cache, layer, block_tables, seq_lens, scale, partitioned,
-                                       max_seq_len);
-      break;
-    case at::kFloat:
-      dispatch_head_size<float>(out, query, kv_cache, layer, block_tables, seq_lens, scale, partitioned, max_seq_len);
+      dispatch_head_size<at::BFloat16>(out, query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
+                                       max_seq_len, max_query_len, partition_mode);
       break;
     default:
-      TORCH_CHECK(false, "paged_attention_decode: unsupported dtype ", query.scalar_type(),
-                  " (supported: float16, bfloat16, float32)");
+      TORCH_CHECK(false, "paged_attention: unsupported dtype ", query.scalar_type(),
+                  " (supported: float16, bfloat16)");
   }
 }
 

@@ -151,6 +151,7 @@ class ForwardContext:
 
     kv_cache: torch.Tensor          # [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
     meta: AttentionMetadata
+    _kernel_args: tuple[torch.Tensor, torch.Tensor | None] | None = None   # built on first kernel call
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -159,16 +160,24 @@ class ForwardContext:
         query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size]
         returns [T, num_heads, head_size]
         """
-        layer_cache = self.kv_cache[:, layer]
         if self.kv_cache.is_cuda and ops.kernels_enabled():
-            # Our CUDA kernels: the fused K/V write always; the decode kernel when every sequence
-            # computes one token. Prefill (and shapes without a kernel instantiation) still take the
-            # torch reference until the prefill kernels exist.
             ops.reshape_and_cache(key, value, self.kv_cache, layer, self.meta.slot_mapping)
-            if self.meta.is_decode_only and ops.decode_supported(query, self.kv_cache):
-                out = torch.empty(query.shape, dtype=query.dtype, device=query.device)   # [S, H, D]
-                return ops.paged_attention_decode(out, query, self.kv_cache, layer, self.meta.block_tables,
-                                                  self.meta.seq_lens, scale, self.meta.max_seq_len)
-            return paged_attention_reference(query, layer_cache, self.meta, scale)
+            if ops.attention_supported(query, self.kv_cache):
+                return self._attend_with_kernel(layer, query, scale)
+            return paged_attention_reference(query, self.kv_cache[:, layer], self.meta, scale)
+        layer_cache = self.kv_cache[:, layer]
         write_kv_reference(layer_cache, key, value, self.meta.slot_mapping)
         return paged_attention_reference(query, layer_cache, self.meta, scale)
+
+    def _attend_with_kernel(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """Our PagedAttention kernel, decode or prefill over paged context. query: [T, H, D]."""
+        if self._kernel_args is None:
+            # int32 copies made once per forward pass, not once per layer. Decode passes no token
+            # offsets: the kernel then maps sequence i to query row i.
+            seq_lens = self.meta.seq_lens.to(torch.int32)                                    # [S]
+            starts = None if self.meta.is_decode_only else self.meta.query_start_loc.to(torch.int32)  # [S+1]
+            self._kernel_args = (seq_lens, starts)
+        seq_lens, starts = self._kernel_args
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)              # [T, H, D]
+        return ops.paged_attention(out, query, self.kv_cache, layer, self.meta.block_tables, seq_lens, starts,
+                                   scale, self.meta.max_seq_len, self.meta.max_query_len)

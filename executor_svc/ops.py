@@ -24,10 +24,10 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "paged_attention.cu", "cache_kernels.cu")
 EXTRA_CUDA_CFLAGS = ["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
                      "-gencode=arch=compute_80,code=sm_80"]
-# What the decode kernel instantiates (csrc/paged_attention.cu); anything else uses the torch reference.
-DECODE_HEAD_SIZES = (64, 80, 96, 128, 256)
-DECODE_BLOCK_SIZES = (8, 16, 32)
-DECODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What the attention kernel instantiates (csrc/paged_attention.cu): any block size; anything else uses the
+# torch reference.
+HEAD_SIZES = (64, 80, 96, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -87,33 +87,57 @@ def _kernels() -> ModuleType:
     return module
 
 
-def decode_supported(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether the decode kernel has an instantiation for this dtype, head size and block size.
+def attention_supported(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether the attention kernel has an instantiation for this dtype and head size.
 
-    query: [S, H, D]; kv_cache: [num_blocks, num_layers, 2, Hkv, B, D]
+    query: [T, H, D]; kv_cache: [num_blocks, num_layers, 2, Hkv, B, D]
     """
-    return (query.dtype in DECODE_DTYPES and kv_cache.dtype == query.dtype
-            and kv_cache.shape[5] in DECODE_HEAD_SIZES and kv_cache.shape[4] in DECODE_BLOCK_SIZES)
+    return (query.dtype in DTYPES and kv_cache.dtype == query.dtype and kv_cache.shape[5] in HEAD_SIZES
+            and query.shape[1] % kv_cache.shape[3] == 0)
+
+
+def _aligned_rows(query: torch.Tensor) -> torch.Tensor:
+    """`query` itself when the kernel can read it (contiguous heads, 16-byte rows), else a contiguous copy."""
+    aligned = query.data_ptr() % 16 == 0 and query.stride(0) % 8 == 0
+    if query.stride(2) != 1 or query.stride(1) != query.shape[2] or not aligned:
+        return query.contiguous()
+    return query
+
+
+def paged_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None,
+                    scale: float, max_seq_len: int, max_query_len: int,
+                    partition_mode: int = -1) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged context; writes and returns `out`.
+
+    Query token j of sequence i sits at position seq_lens[i] - q_len_i + j and sees keys up to there.
+
+    out:             [T, H, D], contiguous, the query's dtype
+    query:           [T, H, D] (heads contiguous; rows may be strided)
+    kv_cache:        [num_blocks, num_layers, 2, Hkv, B, D], contiguous, already holding this step's K/V
+    block_tables:    [S, max_blocks] int32 (converted if another integer dtype)
+    seq_lens:        [S] int32 (converted): context length including the new tokens, each <= max_seq_len
+    query_start_loc: [S + 1] int32 (converted) token offsets of the sequences in `query`; None for decode
+                     (one token per sequence, T == S)
+    partition_mode:  -1 chooses split-K by the kernel's heuristic, 0 never, 1 always (for tests).
+    """
+    starts = None if query_start_loc is None else query_start_loc.to(torch.int32).contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    _kernels().paged_attention(out, _aligned_rows(query), kv_cache, layer, tables, lens, starts, float(scale),
+                               int(max_seq_len), int(max_query_len), int(partition_mode))
+    return out
 
 
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int, partition_mode: int = -1) -> torch.Tensor:
-    """Decode attention of one query token per sequence over its paged context; writes and returns `out`.
+    """Decode attention: one query token per sequence (`paged_attention` with T == S).
 
-    out:          [S, H, D], contiguous, the query's dtype
-    query:        [S, H, D] (heads contiguous; rows may be strided)
-    kv_cache:     [num_blocks, num_layers, 2, Hkv, B, D], contiguous, already holding this step's K/V
-    block_tables: [S, max_blocks] int32 (converted if another integer dtype)
-    seq_lens:     [S] int32 (converted if another integer dtype); every entry <= max_seq_len
-    partition_mode: -1 chooses split-K by the kernel's heuristic, 0 never, 1 always (for tests).
+    out, query: [S, H, D]; the other arguments as for `paged_attention`.
     """
-    if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
-        query = query.contiguous()
-    _kernels().paged_attention_decode(out, query, kv_cache, layer, block_tables.to(torch.int32).contiguous(),
-                                      seq_lens.to(torch.int32).contiguous(), float(scale), int(max_seq_len),
-                                      int(partition_mode))
-    return out
+    return paged_attention(out, query, kv_cache, layer, block_tables, seq_lens, None, scale, max_seq_len, 1,
+                           partition_mode)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, layer: int,

@@ -1,7 +1,8 @@
 """Does an exception thrown inside a torch C++/CUDA extension reach Python on this machine?
 
-Builds small extensions with `torch.utils.cpp_extension.load_inline` (C++ only; C++ + CUDA; with the
-flags executor_svc/ops.py uses) whose functions throw std::runtime_error or fail a TORCH_CHECK, calls
+Builds small extensions with `torch.utils.cpp_extension.load_inline` (C++ only; bound with a plain
+pybind11 m.def instead of torch::wrap_pybind_function; C++ + CUDA with the flags executor_svc/ops.py
+uses) whose functions throw std::runtime_error or fail a TORCH_CHECK, calls
 each in a child interpreter, and prints the exit status of each call next to the toolchain versions.
 A clean run prints "RuntimeError" for every case; a crash shows as a negative exit status (signal).
 
@@ -22,6 +23,14 @@ CPP = r"""
 void throw_runtime(const at::Tensor& t) { throw std::runtime_error("plain runtime_error"); }
 void torch_check(const at::Tensor& t) { TORCH_CHECK(false, "TORCH_CHECK failed"); }
 """
+# The same throwing function bound with a plain m.def, i.e. translated by pybind11 rather than by torch's
+# wrap_pybind_function (what load_inline's `functions=` generates).
+PLAIN_MODULE = r"""
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("throw_runtime", &throw_runtime);
+  m.def("torch_check", &torch_check);
+}
+"""
 CUDA = r"""
 #include <ATen/ATen.h>
 __global__ void noop() {}
@@ -31,12 +40,14 @@ void launch(const at::Tensor& t) { noop<<<1, 1>>>(); TORCH_CHECK(false, "TORCH_C
 CHILD = r"""
 import sys, torch
 from torch.utils.cpp_extension import load_inline
-name, cuda, flags, function = sys.argv[1], sys.argv[2] == "1", sys.argv[3].split(), sys.argv[4]
+name, cuda, flags, function = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
 kwargs = dict(name=name, cpp_sources=[CPP], functions=["throw_runtime", "torch_check"] if not cuda else None,
               extra_cflags=["-O2"], build_directory=sys.argv[5], verbose=False)
-if cuda:
+if flags == "plain":
+    kwargs.update(cpp_sources=[CPP + PLAIN_MODULE], functions=None)
+elif cuda:
     kwargs.update(cpp_sources=[CPP + "void launch(const at::Tensor& t);"], cuda_sources=[CUDA],
-                  functions=["throw_runtime", "torch_check", "launch"], extra_cuda_cflags=flags)
+                  functions=["throw_runtime", "torch_check", "launch"], extra_cuda_cflags=flags.split())
 module = load_inline(**kwargs)
 try:
     getattr(module, function)(torch.zeros(1))
@@ -73,19 +84,25 @@ def main() -> int:
     ops_flags = " ".join(["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
                           "-gencode=arch=compute_80,code=sm_80"])
     cases = [("cpp_only", "0", "", "throw_runtime"), ("cpp_only", "0", "", "torch_check"),
+             ("plain_def", "0", "plain", "throw_runtime"), ("plain_def", "0", "plain", "torch_check"),
              ("with_cuda", "1", ops_flags, "throw_runtime"), ("with_cuda", "1", ops_flags, "torch_check"),
              ("with_cuda", "1", ops_flags, "launch")]
-    failures = 0
-    for name, cuda, flags, function in cases:
-        build = os.path.join(build_root, name)
+    children = []
+    for index, (name, cuda, flags, function) in enumerate(cases):
+        # One build directory and module name per case, so the builds run side by side.
+        build = os.path.join(build_root, f"case{index}")
         os.makedirs(build, exist_ok=True)
-        child = f"CPP = {CPP!r}\nCUDA = {CUDA!r}\n" + CHILD
-        done = subprocess.run([sys.executable, "-c", child, name, cuda, flags, function, build],
-                              capture_output=True, text=True, timeout=600)
-        ok = done.returncode == 0 and "RuntimeError" in done.stdout
+        child = f"CPP = {CPP!r}\nCUDA = {CUDA!r}\nPLAIN_MODULE = {PLAIN_MODULE!r}\n" + CHILD
+        children.append(subprocess.Popen([sys.executable, "-c", child, f"probe_{name}_{index}", cuda, flags,
+                                          function, build], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True))
+    failures = 0
+    for (name, _, _, function), proc in zip(cases, children, strict=True):
+        stdout, stderr = proc.communicate(timeout=600)
+        ok = proc.returncode == 0 and "RuntimeError" in stdout
         failures += not ok
-        print(f"{name:10s} {function:14s} exit {done.returncode:4d}  {done.stdout.strip()[:80]}"
-              + ("" if ok else f"\n    stderr: {done.stderr.strip()[-600:]}"))
+        print(f"{name:10s} {function:14s} exit {proc.returncode:4d}  {stdout.strip()[:80]}"
+              + ("" if ok else f"\n    stderr: {stderr.strip()[-600:]}"))
     return 1 if failures else 0
 
 

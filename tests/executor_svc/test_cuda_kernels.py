@@ -1,9 +1,9 @@
 """Our CUDA kernels (csrc/) against the torch reference of attention.py, on a CUDA device.
 
-Decode attention runs over shuffled block tables in a cache whose every unused slot -- other blocks,
-other layers, the positions past each sequence's length in its last block -- holds NaN, so a kernel
-that reads one position too far fails loudly. Both the single-pass and the partitioned (split-K)
-variants are checked, forced and as the heuristic picks them.
+Attention (decode, and prefill over paged context) runs over shuffled block tables in a cache whose
+every unused slot -- other blocks, other layers, the positions past each sequence's length in its last
+block -- holds NaN, so a kernel that reads one position too far fails loudly. Both the single-pass and
+the partitioned (split-K) variants are checked, forced and as the heuristic picks them.
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ pytestmark = [pytest.mark.gpu,
 DEVICE = "cuda"
 NUM_LAYERS = 3
 LAYER = 1                                 # a middle layer: its view of the cache is not contiguous
-HEAD_CONFIGS = ((8, 8), (8, 2), (32, 4))  # (num_heads, num_kv_heads): MHA and two GQA groupings
+# (num_heads, num_kv_heads): MHA, GQA 4:1 and 8:1, a group of 3 (rows do not fill the 16-row tile) and
+# a group of 32 (two thread blocks per group).
+HEAD_CONFIGS = ((8, 8), (8, 2), (32, 4), (12, 4), (64, 2))
 HEAD_SIZES = (64, 80, 96, 128, 256)
-BLOCK_SIZES = (8, 16, 32)
+BLOCK_SIZES = (8, 16, 32, 64)
 DTYPES = (torch.float16, torch.bfloat16)
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
@@ -87,8 +89,8 @@ def decode_cases() -> list[tuple]:
     for _ in range(12):
         cases.append((rng.randint(1, 33), rng.choice(HEAD_CONFIGS), rng.choice(HEAD_SIZES),
                       rng.choice(BLOCK_SIZES), rng.choice(DTYPES), rng.random() < 0.5))
-    cases.append((1, (32, 4), 128, 16, torch.float32, True))    # fp32 (the end-to-end test's dtype)
     cases.append((1, (8, 2), 128, 16, torch.float16, False))
+    cases.append((200, (32, 8), 128, 16, torch.bfloat16, True))   # a batch larger than one SM wave
     return cases
 
 
@@ -130,6 +132,59 @@ def test_decode_with_strided_query_rows() -> None:
     torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)
 
 
+def prefill_cases() -> list[tuple]:
+    """(cached, new) token counts per sequence with head configs, sizes, block sizes and dtypes."""
+    rng = random.Random(77)
+    cases = []
+    for i, heads in enumerate(HEAD_CONFIGS):
+        for j, head_size in enumerate((64, 128, 80)):
+            block_size = BLOCK_SIZES[(i + j) % len(BLOCK_SIZES)]
+            batch = rng.randint(1, 6)
+            cached = [rng.choice([0, 0, 1, block_size, rng.randint(0, 900)]) for _ in range(batch)]
+            new = [rng.choice([1, 2, 15, 16, 17, rng.randint(1, 300)]) for _ in range(batch)]
+            cases.append((cached, new, heads, head_size, block_size, DTYPES[(i + j) % 2]))
+    cases.append(([0], [1100], (8, 2), 128, 16, torch.bfloat16))             # a long prompt, nothing cached
+    cases.append(([1500, 3, 0], [40, 1, 1], (32, 4), 128, 16, torch.float16))   # chunk + decodes, mixed
+    cases.append(([0, 700], [513, 1], (8, 8), 256, 32, torch.bfloat16))
+    return cases
+
+
+@pytest.mark.parametrize("cached,new,heads,head_size,block_size,dtype", prefill_cases())
+def test_prefill_over_paged_context_matches_reference(cached: list[int], new: list[int],
+                                                      heads: tuple[int, int], head_size: int, block_size: int,
+                                                      dtype: torch.dtype) -> None:
+    num_heads, num_kv_heads = heads
+    rng = random.Random(zlib.crc32(f"{cached} {new} {heads} {head_size} {block_size} {dtype}".encode()))
+    torch.manual_seed(rng.randrange(1 << 30))
+    lengths = [c + n for c, n in zip(cached, new, strict=True)]
+    cache, tables = poisoned_cache(rng, lengths, num_kv_heads, head_size, block_size, dtype)
+    meta = AttentionMetadata.build(cached, new, tables, block_size, DEVICE)
+    query = torch.randn(meta.num_tokens, num_heads, head_size, device=DEVICE).to(dtype)   # [T, H, D]
+    scale = head_size**-0.5
+    expected = paged_attention_reference(query.float(), cache[:, LAYER].float(), meta, scale)
+    tol = TOLERANCE[dtype]
+    for mode in (-1, 0, 1):
+        out = torch.full_like(query, float("nan"))
+        ops.paged_attention(out, query, cache, LAYER, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                            scale, meta.max_seq_len, meta.max_query_len, partition_mode=mode)
+        assert not out.isnan().any(), f"mode {mode}: NaN in the output (unwritten row or poisoned slot read)"
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol,
+                                   msg=lambda m, mode=mode: f"partition_mode {mode}: {m}")
+
+
+def test_float32_cache_falls_back_to_the_reference(monkeypatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_CUDA_KERNELS", "1")
+    rng = random.Random(3)
+    cache, tables = poisoned_cache(rng, [5, 40], 2, 64, 16, torch.float32)
+    meta = AttentionMetadata.build([4, 39], [1, 1], tables, 16, DEVICE)
+    query = torch.randn(2, 4, 64, device=DEVICE)
+    key = torch.randn(2, 2, 64, device=DEVICE)
+    monkeypatch.setattr(ops, "paged_attention", lambda *a, **k: pytest.fail("no fp32 kernel exists"))
+    out = ForwardContext(cache, meta).attend(LAYER, query, key, key, 0.125)
+    expected = paged_attention_reference(query, cache[:, LAYER], meta, 0.125)
+    torch.testing.assert_close(out, expected)
+
+
 _REJECTIONS = r"""
 import torch
 from executor_svc import ops
@@ -149,23 +204,34 @@ lens = torch.ones(1, dtype=torch.int32, device="cuda")
 out = torch.empty_like(query)
 rejects(lambda: ops.paged_attention_decode(out, query, cache, 0, tables, lens, 1.0, 1),
         "unsupported head size 48")
-cache = torch.zeros(4, 1, 2, 2, 4, 64, device="cuda", dtype=torch.float16)
-query = torch.zeros(1, 2, 64, device="cuda", dtype=torch.float16)
+cache = torch.zeros(4, 1, 2, 2, 16, 64, device="cuda", dtype=torch.float32)
+query = torch.zeros(1, 2, 64, device="cuda", dtype=torch.float32)
 out = torch.empty_like(query)
 rejects(lambda: ops.paged_attention_decode(out, query, cache, 0, tables, lens, 1.0, 1),
-        "unsupported block size 4")
+        "unsupported dtype")
+cache, query, out = cache.half(), query.half(), out.half()
 rejects(lambda: ops.paged_attention_decode(out, query.cpu(), cache, 0, tables, lens, 1.0, 1),
         "must be a CUDA tensor")
 rejects(lambda: ops.paged_attention_decode(out, query, cache, 3, tables, lens, 1.0, 1),
         "layer 3 out of range")
-rejects(lambda: ops._kernels().paged_attention_decode(out, query, cache, 0, tables, lens.long(), 1.0, 1, -1),
+kernels = ops._kernels()
+rejects(lambda: kernels.paged_attention(out, query, cache, 0, tables, lens.long(), None, 1.0, 1, 1, -1),
         "seq_lens must be a contiguous int32")
+starts = torch.zeros(5, device="cuda")
+rejects(lambda: ops.paged_attention(out, query, cache, 0, tables, lens, starts, 1.0, 1, 1),
+        "query_start_loc must be a contiguous int32")
+rejects(lambda: ops.paged_attention_decode(out, query, cache, 0, tables, lens, 1.0, 100),
+        "does not fit block_tables")
+# The process goes on working after the rejections.
+ops.paged_attention_decode(out, query, cache, 0, tables, lens, 1.0, 1)
+torch.cuda.synchronize()
+print("all rejected cleanly")
 """
 
 
 def test_decode_rejects_unsupported_shapes_clearly() -> None:
-    # In a child interpreter: on the H200 image an exception leaving the extension has crashed the
-    # process (a known open bug), which must show up as this test failing, not as a dead test run.
+    # In a child interpreter, so that an extension whose exceptions crash the process (as a build with a
+    # mismatched toolchain can) fails this test instead of ending the whole run.
     import os
     import subprocess
     import sys
@@ -211,50 +277,22 @@ def test_copy_blocks_copies_whole_blocks(dtype: torch.dtype) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# End to end: a tiny Llama (head size 64, GQA) greedy-decodes on CUDA through the kernels like HF on CPU.
+# End to end: a tiny Llama (head size 64, GQA) greedy-decodes in fp16 through the kernels -- prefill and
+# decode -- exactly as through the torch reference attention. (tests/executor_svc/test_gpu_generation.py
+# compares every model family with HF transformers.)
 
 MAX_NEW = 12
 E2E_BLOCK_SIZE = 16
 
 
-def test_tiny_llama_greedy_matches_hf_through_the_kernels(tmp_path, monkeypatch) -> None:
-    transformers = pytest.importorskip("transformers")
-    from tiny_models import LLAMA_COMMON, build_hf_model
-
-    from executor_svc.model_loader import load_model
-
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      head_dim=64, tie_word_embeddings=False, **LLAMA_COMMON)
-    config.architectures = ["LlamaForCausalLM"]
-    hf = build_hf_model(config, seed=0)
-    hf.save_pretrained(tmp_path)
-    model, _ = load_model(tmp_path, torch.float32, DEVICE)
-
-    calls = {"decode": 0}
-    real_decode = ops.paged_attention_decode
-
-    def counting_decode(*args, **kwargs):
-        calls["decode"] += 1
-        return real_decode(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "paged_attention_decode", counting_decode)
-    monkeypatch.setenv("PAGEDSERVE_CUDA_KERNELS", "1")
-
-    prompts = [[5], [3 + (7 * j) % 120 for j in range(7)], [3 + (5 * j + 2) % 120 for j in range(21)]]
-    expected = []
-    hf.generation_config.eos_token_id = None
-    gen = transformers.GenerationConfig(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        for p in prompts:
-            expected.append(hf.generate(torch.tensor([p]), generation_config=gen)[0, len(p):].tolist())
-
-    num_blocks = 32
+def greedy_tokens(model, prompts: list[list[int]], num_blocks: int = 32) -> list[list[int]]:
+    """MAX_NEW greedy tokens per prompt, all prompts batched, on a NaN-poisoned cache."""
     cache = torch.full((num_blocks, model.num_layers, 2, model.num_kv_heads, E2E_BLOCK_SIZE, model.head_size),
-                       float("nan"), device=DEVICE)
+                       float("nan"), device=DEVICE, dtype=torch.float16)
     free = random.Random(0).sample(range(num_blocks), num_blocks)
     tables: list[list[int]] = [[] for _ in prompts]
     lengths = [0] * len(prompts)
-    tokens = [list(p) for p in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
     new = [list(p) for p in prompts]                 # the first step prefills every prompt at once
     for _ in range(MAX_NEW):
         for i, n in enumerate(new):
@@ -269,8 +307,35 @@ def test_tiny_llama_greedy_matches_hf_through_the_kernels(tmp_path, monkeypatch)
         picked = logits[ends].argmax(-1).tolist()
         for i, n in enumerate(new):
             lengths[i] += len(n)
-            tokens[i].append(picked[i])
+            generated[i].append(picked[i])
         new = [[t] for t in picked]
-    generated = [t[len(p):] for t, p in zip(tokens, prompts, strict=True)]
-    assert generated == expected
-    assert calls["decode"] == (MAX_NEW - 1) * model.num_layers, "decode steps did not use the kernel"
+    return generated
+
+
+def test_tiny_llama_greedy_through_the_kernels_equals_the_reference(tmp_path, monkeypatch) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tiny_models import LLAMA_COMMON, build_hf_model
+
+    from executor_svc.model_loader import load_model
+
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=64, tie_word_embeddings=False, **LLAMA_COMMON)
+    config.architectures = ["LlamaForCausalLM"]
+    build_hf_model(config, seed=0).save_pretrained(tmp_path)
+    model, _ = load_model(tmp_path, torch.float16, DEVICE)
+    prompts = [[5], [3 + (7 * j) % 120 for j in range(7)], [3 + (5 * j + 2) % 120 for j in range(21)]]
+
+    monkeypatch.setenv("PAGEDSERVE_CUDA_KERNELS", "0")
+    expected = greedy_tokens(model, prompts)
+
+    calls = {"prefill": 0, "decode": 0}
+    real = ops.paged_attention
+
+    def counting(*args, **kwargs):
+        calls["decode" if args[6] is None else "prefill"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "paged_attention", counting)
+    monkeypatch.setenv("PAGEDSERVE_CUDA_KERNELS", "1")
+    assert greedy_tokens(model, prompts) == expected
+    assert calls == {"prefill": model.num_layers, "decode": (MAX_NEW - 1) * model.num_layers}
