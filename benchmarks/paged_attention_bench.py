@@ -1040,8 +1040,8 @@ def load_flash_prefill() -> tuple[Any, str | None]:
     except ImportError as exc:
         return None, f"executor_svc.flash_prefill is not importable ({_short(exc)})"
     try:
-        if not flash_prefill.flash_available():
-            return None, "flash_prefill.flash_available() is False"
+        if not flash_prefill.flash_available("cuda"):
+            return None, "flash_prefill.flash_available('cuda') is False"
     except Exception as exc:
         return None, f"flash_prefill.flash_available() raised {_short(exc)}"
     return flash_prefill, None

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <optional>
 #include <sstream>
-#include <stdexcept>
+#include <string>
 
 namespace pagedserve {
 
@@ -29,49 +29,61 @@ void copy_blocks(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num
 
 namespace {
 
-// Argument errors raise std::runtime_error. Every binding is wrapped by torch::wrap_pybind_function, so
-// exceptions (ours and a kernel's c10::Error) are converted to Python errors by torch's own handlers:
-// on the torch 2.11 / CUDA 13.0 device image, letting pybind11's default translation handle an exception
-// thrown from a plain m.def crashed the interpreter (SIGSEGV), while the wrapped form raised cleanly
-// (benchmarks/device/extension_exception_probe.py shows both).
+// Argument checks never throw: each returns the first problem as a message (empty when the call is
+// fine), and the Python wrappers in executor_svc/ops.py raise ValueError with it. On the torch 2.11 /
+// CUDA 13.0 device image an exception leaving this extension's calls crashed the interpreter
+// (SIGSEGV) -- although small test extensions built with the same toolchain raise cleanly
+// (benchmarks/device/extension_exception_probe.py) -- so a bad argument must not reach a throw. Errors
+// the CUDA runtime reports at launch still raise through torch's handlers (torch::wrap_pybind_function).
 template <typename... Parts>
-void require(bool ok, const Parts&... parts) {
-  if (ok) return;
+std::string message_of(const Parts&... parts) {
   std::ostringstream message;
   (message << ... << parts);
-  throw std::runtime_error(message.str());
+  return message.str();
 }
 
-void check_cuda(const at::Tensor& t,          // [any]
+#define PAGEDSERVE_REQUIRE(ok, ...) \
+  do {                              \
+    if (!(ok)) return message_of(__VA_ARGS__); \
+  } while (0)
+#define PAGEDSERVE_TRY(check)                       \
+  do {                                              \
+    if (std::string problem = (check); !problem.empty()) return problem; \
+  } while (0)
+
+std::string check_cuda(const at::Tensor& t,          // [any]
                 const char* op, const char* name, const at::Device& device) {
-  require(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  require(t.device() == device, op, ": ", name, " is on ", t.device(), " but kv_cache is on ", device);
+  PAGEDSERVE_REQUIRE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  PAGEDSERVE_REQUIRE(t.device() == device, op, ": ", name, " is on ", t.device(), " but kv_cache is on ", device);
+  return {};
 }
 
-void check_cache(const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+std::string check_cache(const at::Tensor& kv_cache,   // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
                  const char* op, int64_t layer) {
-  require(kv_cache.is_cuda(), op, ": kv_cache must be a CUDA tensor, got one on ", kv_cache.device());
-  require(kv_cache.dim() == 6 && kv_cache.size(2) == 2, op,
+  PAGEDSERVE_REQUIRE(kv_cache.is_cuda(), op, ": kv_cache must be a CUDA tensor, got one on ", kv_cache.device());
+  PAGEDSERVE_REQUIRE(kv_cache.dim() == 6 && kv_cache.size(2) == 2, op,
               ": kv_cache must be [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size], got ",
               kv_cache.sizes());
-  require(kv_cache.is_contiguous(), op, ": kv_cache must be contiguous");
-  require(reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0, op,
+  PAGEDSERVE_REQUIRE(kv_cache.is_contiguous(), op, ": kv_cache must be contiguous");
+  PAGEDSERVE_REQUIRE(reinterpret_cast<uintptr_t>(kv_cache.data_ptr()) % 16 == 0, op,
               ": kv_cache must be 16-byte aligned");
-  require(layer >= 0 && layer < kv_cache.size(1), op, ": layer ", layer, " out of range [0, ",
+  PAGEDSERVE_REQUIRE(layer >= 0 && layer < kv_cache.size(1), op, ": layer ", layer, " out of range [0, ",
               kv_cache.size(1), ")");
+  return {};
 }
 
-void check_rows(const at::Tensor& t,   // [N, num_heads, head_size]
+std::string check_rows(const at::Tensor& t,   // [N, num_heads, head_size]
                 const char* op, const char* name, int64_t heads, int64_t head_size) {
-  require(t.dim() == 3 && t.size(1) == heads && t.size(2) == head_size, op, ": ", name, " must be [N, ", heads,
+  PAGEDSERVE_REQUIRE(t.dim() == 3 && t.size(1) == heads && t.size(2) == head_size, op, ": ", name, " must be [N, ", heads,
               ", ", head_size, "], got ", t.sizes());
-  require(t.stride(2) == 1 && t.stride(1) == head_size, op, ": ", name,
+  PAGEDSERVE_REQUIRE(t.stride(2) == 1 && t.stride(1) == head_size, op, ": ", name,
               " must have contiguous heads (strides [*, head_size, 1]), got strides ", t.strides());
+  return {};
 }
 
 }  // namespace
 
-void paged_attention_checked(
+std::string paged_attention_checked(
     at::Tensor& out,                                   // [T, num_heads, head_size]
     const at::Tensor& query,                           // [T, num_heads, head_size]
     const at::Tensor& kv_cache,                        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
@@ -81,100 +93,105 @@ void paged_attention_checked(
     const std::optional<at::Tensor>& query_start_loc,  // [S + 1] int32; none: decode, one token per sequence
     double scale, int64_t max_seq_len, int64_t max_query_len, int64_t partition_mode) {
   constexpr const char* op = "paged_attention";
-  check_cache(kv_cache, op, layer);
+  PAGEDSERVE_TRY(check_cache(kv_cache, op, layer));
   const at::Device device = kv_cache.device();
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {query, "query"},
                                 {block_tables, "block_tables"}, {seq_lens, "seq_lens"}}) {
-    check_cuda(t, op, name, device);
+    PAGEDSERVE_TRY(check_cuda(t, op, name, device));
   }
   const int64_t num_kv_heads = kv_cache.size(3), head_size = kv_cache.size(5);
-  require(query.dim() == 3, op, ": query must be [T, num_heads, head_size], got ", query.sizes());
+  PAGEDSERVE_REQUIRE(query.dim() == 3, op, ": query must be [T, num_heads, head_size], got ", query.sizes());
   const int64_t num_tokens = query.size(0), num_heads = query.size(1);
-  require(num_heads % num_kv_heads == 0, op, ": num_heads ", num_heads, " must be a multiple of num_kv_heads ",
+  PAGEDSERVE_REQUIRE(num_heads % num_kv_heads == 0, op, ": num_heads ", num_heads, " must be a multiple of num_kv_heads ",
           num_kv_heads);
-  require(head_size == 64 || head_size == 80 || head_size == 96 || head_size == 128 || head_size == 256, op,
+  PAGEDSERVE_REQUIRE(head_size == 64 || head_size == 80 || head_size == 96 || head_size == 128 || head_size == 256, op,
           ": unsupported head size ", head_size, " (supported: 64, 80, 96, 128, 256)");
-  check_rows(query, op, "query", num_heads, head_size);
+  PAGEDSERVE_TRY(check_rows(query, op, "query", num_heads, head_size));
   // The kernel loads query rows as 16-byte vectors.
-  require(reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 == 0 && query.stride(0) % 8 == 0, op,
+  PAGEDSERVE_REQUIRE(reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 == 0 && query.stride(0) % 8 == 0, op,
           ": query rows must be 16-byte aligned (row stride a multiple of 8 elements), got stride ", query.stride(0));
-  require(out.sizes() == query.sizes() && out.is_contiguous(), op,
+  PAGEDSERVE_REQUIRE(out.sizes() == query.sizes() && out.is_contiguous(), op,
           ": out must be a contiguous tensor shaped like query ", query.sizes(), ", got ", out.sizes());
   const auto dtype = kv_cache.scalar_type();
-  require(dtype == at::kHalf || dtype == at::kBFloat16, op, ": unsupported dtype ", dtype,
+  PAGEDSERVE_REQUIRE(dtype == at::kHalf || dtype == at::kBFloat16, op, ": unsupported dtype ", dtype,
           " (supported: float16, bfloat16)");
-  require(query.scalar_type() == dtype && out.scalar_type() == dtype, op,
+  PAGEDSERVE_REQUIRE(query.scalar_type() == dtype && out.scalar_type() == dtype, op,
           ": query, out and kv_cache must share a dtype, got ", query.scalar_type(), ", ", out.scalar_type(), ", ",
           dtype);
-  require(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(), op,
+  PAGEDSERVE_REQUIRE(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.is_contiguous(), op,
           ": seq_lens must be a contiguous int32 [S] tensor, got ", seq_lens.scalar_type(), " ", seq_lens.sizes());
   const int64_t num_seqs = seq_lens.size(0);
-  require(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == num_seqs &&
+  PAGEDSERVE_REQUIRE(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == num_seqs &&
               block_tables.is_contiguous(),
           op, ": block_tables must be a contiguous int32 [S=", num_seqs, ", max_blocks] tensor, got ",
           block_tables.scalar_type(), " ", block_tables.sizes());
   if (query_start_loc.has_value()) {
     const at::Tensor& starts = *query_start_loc;
-    check_cuda(starts, op, "query_start_loc", device);
-    require(starts.scalar_type() == at::kInt && starts.dim() == 1 && starts.size(0) == num_seqs + 1 &&
+    PAGEDSERVE_TRY(check_cuda(starts, op, "query_start_loc", device));
+    PAGEDSERVE_REQUIRE(starts.scalar_type() == at::kInt && starts.dim() == 1 && starts.size(0) == num_seqs + 1 &&
                 starts.is_contiguous(),
             op, ": query_start_loc must be a contiguous int32 [S + 1 = ", num_seqs + 1, "] tensor, got ",
             starts.scalar_type(), " ", starts.sizes());
   } else {
-    require(num_tokens == num_seqs, op, ": without query_start_loc (decode) query needs one row per sequence: ",
+    PAGEDSERVE_REQUIRE(num_tokens == num_seqs, op, ": without query_start_loc (decode) query needs one row per sequence: ",
             num_tokens, " rows for ", num_seqs, " sequences");
   }
-  require(max_seq_len >= 0 && block_tables.size(1) * kv_cache.size(4) >= max_seq_len, op, ": max_seq_len ",
+  PAGEDSERVE_REQUIRE(max_seq_len >= 0 && block_tables.size(1) * kv_cache.size(4) >= max_seq_len, op, ": max_seq_len ",
           max_seq_len, " does not fit block_tables of ", block_tables.size(1), " blocks");
-  require(max_query_len >= 0 && max_query_len <= std::max<int64_t>(max_seq_len, 0), op, ": max_query_len ",
+  PAGEDSERVE_REQUIRE(max_query_len >= 0 && max_query_len <= std::max<int64_t>(max_seq_len, 0), op, ": max_query_len ",
           max_query_len, " exceeds max_seq_len ", max_seq_len);
-  require(partition_mode >= -1 && partition_mode <= 1, op, ": partition_mode must be -1, 0 or 1");
+  PAGEDSERVE_REQUIRE(partition_mode >= -1, op,
+          ": partition_mode must be -1 (auto), 0 (never split), 1 (always) or a partition count >= 2");
   paged_attention(out, query, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
                   max_query_len, partition_mode);
+  return {};
 }
 
-void reshape_and_cache_checked(const at::Tensor& key,            // [T, num_kv_heads, head_size]
+std::string reshape_and_cache_checked(const at::Tensor& key,            // [T, num_kv_heads, head_size]
                                const at::Tensor& value,          // [T, num_kv_heads, head_size]
                                at::Tensor& kv_cache,             // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
                                int64_t layer,
                                const at::Tensor& slot_mapping) { // [T] int64
   constexpr const char* op = "reshape_and_cache";
-  check_cache(kv_cache, op, layer);
+  PAGEDSERVE_TRY(check_cache(kv_cache, op, layer));
   const at::Device device = kv_cache.device();
-  check_cuda(key, op, "key", device);
-  check_cuda(value, op, "value", device);
-  check_cuda(slot_mapping, op, "slot_mapping", device);
+  PAGEDSERVE_TRY(check_cuda(key, op, "key", device));
+  PAGEDSERVE_TRY(check_cuda(value, op, "value", device));
+  PAGEDSERVE_TRY(check_cuda(slot_mapping, op, "slot_mapping", device));
   const int64_t num_kv_heads = kv_cache.size(3), head_size = kv_cache.size(5);
-  require(key.dim() == 3 && value.dim() == 3 && key.sizes() == value.sizes(), op,
+  PAGEDSERVE_REQUIRE(key.dim() == 3 && value.dim() == 3 && key.sizes() == value.sizes(), op,
               ": key and value must both be [T, num_kv_heads, head_size], got ", key.sizes(), " and ", value.sizes());
-  require(key.size(1) == num_kv_heads && key.size(2) == head_size, op, ": key must be [T, ", num_kv_heads,
+  PAGEDSERVE_REQUIRE(key.size(1) == num_kv_heads && key.size(2) == head_size, op, ": key must be [T, ", num_kv_heads,
               ", ", head_size, "] to match kv_cache, got ", key.sizes());
-  require(key.stride(2) == 1 && value.stride(2) == 1, op, ": key and value need a contiguous last dim");
-  require(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(), op,
+  PAGEDSERVE_REQUIRE(key.stride(2) == 1 && value.stride(2) == 1, op, ": key and value need a contiguous last dim");
+  PAGEDSERVE_REQUIRE(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(), op,
               ": key, value and kv_cache must share a dtype, got ", key.scalar_type(), ", ", value.scalar_type(),
               ", ", kv_cache.scalar_type());
-  require(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+  PAGEDSERVE_REQUIRE(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
                   slot_mapping.size(0) == key.size(0) && slot_mapping.is_contiguous(),
               op, ": slot_mapping must be a contiguous int64 [T=", key.size(0), "] tensor, got ",
               slot_mapping.scalar_type(), " ", slot_mapping.sizes());
   reshape_and_cache(key, value, kv_cache, layer, slot_mapping);
+  return {};
 }
 
-void copy_blocks_checked(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
+std::string copy_blocks_checked(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
                          const at::Tensor& pairs) {   // [P, 2] int64
   constexpr const char* op = "copy_blocks";
-  check_cache(kv_cache, op, 0);
-  check_cuda(pairs, op, "pairs", kv_cache.device());
-  require(pairs.scalar_type() == at::kLong && pairs.dim() == 2 && pairs.size(1) == 2 && pairs.is_contiguous(),
+  PAGEDSERVE_TRY(check_cache(kv_cache, op, 0));
+  PAGEDSERVE_TRY(check_cuda(pairs, op, "pairs", kv_cache.device()));
+  PAGEDSERVE_REQUIRE(pairs.scalar_type() == at::kLong && pairs.dim() == 2 && pairs.size(1) == 2 && pairs.is_contiguous(),
               op, ": pairs must be a contiguous int64 [P, 2] tensor of (src, dst), got ", pairs.scalar_type(), " ",
               pairs.sizes());
   copy_blocks(kv_cache, pairs);
+  return {};
 }
 
 }  // namespace pagedserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "PagedServe CUDA kernels: PagedAttention (decode and prefill) and KV cache writes/copies";
+  m.doc() = "PagedServe CUDA kernels: PagedAttention (decode and prefill) and KV cache writes/copies. Each "
+            "function returns '' when it launched, else the problem with its arguments (nothing launched).";
   m.def("paged_attention", torch::wrap_pybind_function(pagedserve::paged_attention_checked),
         "PagedAttention of T query tokens over their paged context into `out` (decode when query_start_loc is "
         "None); partition_mode -1 auto, 0 never, 1 always split-K",

@@ -11,16 +11,16 @@
 //
 // The context is cut into sub-tiles of kTileTokens = 16 tokens; the 4 warps of a thread block take
 // sub-tiles round-robin and each runs its own pipeline:
-//   1. cp.async copies the next sub-tile's K and V rows (16-byte chunks, found through the block table,
-//      so any block size works) into the warp's second shared-memory stage while it computes on the
-//      first -- rows past the context are zero-filled, never read;
+//   1. cp.async copies the next sub-tiles' K and V rows (16-byte chunks, found through the block table,
+//      so any block size works) into the warp's other shared-memory stages while it computes on one
+//      -- rows past the context are zero-filled, never read;
 //   2. S = Q K^T with mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate), fragments via ldmatrix;
 //   3. causal / length mask, online softmax in the log2 domain (fp32, registers only);
 //   4. O += P V with mma.sync, P re-packed from the S accumulators, V fragments via ldmatrix.trans.
 // At the end the 4 warps' (max, sum, O) are merged through shared memory.
 //
 // Split-K: with few thread blocks (small batch x kv heads) and long contexts, the context is also cut
-// into kPartitionSize-token partitions, one thread block each; partitions write their unnormalised O,
+// into partitions, one thread block each; partitions write their unnormalised O,
 // max logit and exp-sum and a reduce kernel merges them. `choose_partitions` decides (heuristic in it).
 
 #include <ATen/ATen.h>
@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -42,7 +43,10 @@ constexpr int kNumWarps = 4;
 constexpr int kNumThreads = kNumWarps * kWarpSize;
 constexpr int kRows = 16;              // mma M: (query token, head) rows per thread block
 constexpr int kTileTokens = 16;        // context tokens per warp step (two n8 tiles of S, one k16 of PV)
-constexpr int kPartitionSize = 512;    // context tokens per split-K partition (a multiple of kTileTokens)
+// Shared-memory stages per warp: one computed on while kStages - 1 sub-tiles are in flight. Decode is
+// latency-bound per warp (one sub-tile in flight gave ~2.8 us per step on an H200), so bytes in flight
+// per SM decide the bandwidth; 3 stages x 4 warps x 2 thread blocks per SM keep 16 sub-tiles in flight.
+constexpr int kStages = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---------------------------------------------------------------------------------------------------
@@ -132,7 +136,7 @@ __host__ __device__ inline RowTiling row_tiling(int group) {
   return RowTiling{heads, kRows / heads, (group + kRows - 1) / kRows};
 }
 
-// Shared memory of one thread block, in bytes: the Q tile, then per warp two stages of (K, V) sub-tiles
+// Shared memory of one thread block, in bytes: the Q tile, then per warp kStages stages of (K, V) sub-tiles
 // (later reused for the warp's partial O), then per-warp softmax state. Rows are padded by 16 bytes
 // so the 8 row addresses of an ldmatrix fall in 8 different bank groups.
 template <typename T, int HEAD_SIZE>
@@ -140,7 +144,7 @@ struct SharedLayout {
   static constexpr int kRowElems = HEAD_SIZE + 8;
   static constexpr int kTileElems = kTileTokens * kRowElems;             // one K or V sub-tile
   static constexpr int kQBytes = kRows * kRowElems * static_cast<int>(sizeof(T));
-  static constexpr int kWarpBytes = 2 * 2 * kTileElems * static_cast<int>(sizeof(T));   // 2 stages x (K, V)
+  static constexpr int kWarpBytes = kStages * 2 * kTileElems * static_cast<int>(sizeof(T));   // stages x (K, V)
   static constexpr int kStateBytes = 2 * kNumWarps * kRows * 4;                         // max, sum
   static constexpr int kTotal = kQBytes + kNumWarps * kWarpBytes + kStateBytes;
   static_assert(kRows * HEAD_SIZE * 4 <= kWarpBytes, "a warp's partial O must fit in its staging area");
@@ -150,8 +154,9 @@ struct SharedLayout {
 // Which sequence (and which of its query tokens) the thread block `tile` covers. Decode maps tile i to
 // sequence i. Prefill tiles are numbered sequence after sequence, ceil(q_len / tokens) per sequence;
 // one warp scans query_start_loc 32 sequences at a time with a prefix sum. Returns false past the end.
-__device__ inline bool locate_tile(int tile, const int* __restrict__ query_start_loc, int num_seqs,
-                                   int tokens_per_tile, int& seq, int& first_token) {
+__device__ inline bool locate_tile(int tile,
+                                   const int* __restrict__ query_start_loc,   // [num_seqs + 1] or nullptr
+                                   int num_seqs, int tokens_per_tile, int& seq, int& first_token) {
   if (query_start_loc == nullptr) {
     seq = tile;
     first_token = 0;
@@ -200,7 +205,7 @@ __global__ void __launch_bounds__(kNumThreads) paged_attention_kernel(
     const int* __restrict__ seq_lens,          // [num_seqs]: context length including the new tokens
     const int* __restrict__ query_start_loc,   // [num_seqs + 1] token offsets; nullptr = decode (1 per seq)
     int num_seqs, int layer, int num_heads, int num_kv_heads, int block_size, int max_blocks, int partitions,
-    float scale_log2, int64_t q_stride, int64_t block_stride, int64_t layer_stride, int64_t kv_stride,
+    int partition_size, float scale_log2, int64_t q_stride, int64_t block_stride, int64_t layer_stride, int64_t kv_stride,
     int64_t head_stride) {
   using Layout = SharedLayout<T, HEAD_SIZE>;
   constexpr int kRowElems = Layout::kRowElems;
@@ -225,12 +230,12 @@ __global__ void __launch_bounds__(kNumThreads) paged_attention_kernel(
   const int tokens_here = min(tiling.tokens, q_len - first_token);
   // Query token j of the sequence sits at position seq_len - q_len + j and sees keys up to it.
   const int last_position = seq_len - q_len + first_token + tokens_here - 1;
-  const int range_start = PARTITIONED ? partition * kPartitionSize : 0;
-  const int range_end = PARTITIONED ? min(last_position + 1, range_start + kPartitionSize) : last_position + 1;
+  const int range_start = PARTITIONED ? partition * partition_size : 0;
+  const int range_end = PARTITIONED ? min(last_position + 1, range_start + partition_size) : last_position + 1;
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);                                                  // [kRows, kRowElems]
-  T* warp_s = reinterpret_cast<T*>(smem + Layout::kQBytes + warp * Layout::kWarpBytes);  // 2 x [K, V]
+  T* warp_s = reinterpret_cast<T*>(smem + Layout::kQBytes + warp * Layout::kWarpBytes);  // kStages x [K, V]
   float* max_s = reinterpret_cast<float*>(smem + Layout::kQBytes + kNumWarps * Layout::kWarpBytes);  // [warps, rows]
   float* sum_s = max_s + kNumWarps * kRows;                                                          // [warps, rows]
 
@@ -268,20 +273,28 @@ __global__ void __launch_bounds__(kNumThreads) paged_attention_kernel(
   const int* table = block_tables + static_cast<int64_t>(seq) * max_blocks;
   const int num_subtiles = range_end > range_start ? (range_end - range_start + kTileTokens - 1) / kTileTokens : 0;
 
-  // Issue the copies of sub-tile `st` into stage `stage` of this warp (a no-op past the warp's last).
-  auto load_subtile = [&](int st, int stage) {
-    if (st >= num_subtiles) return;
+  // The block ids of sub-tile `st`, one per token: lane t < kTileTokens holds token t's block. Fetched one
+  // sub-tile ahead of its copies, so the table read's latency hides behind a sub-tile of compute instead
+  // of delaying the copies that depend on it.
+  auto fetch_blocks = [&](int st) -> int {
+    const int position = range_start + st * kTileTokens + lane;
+    return (st < num_subtiles && lane < kTileTokens && position < range_end) ? table[position / block_size] : 0;
+  };
+  // Issue the copies of sub-tile `st` into stage `stage` of this warp (a no-op past the warp's last);
+  // `blocks` is fetch_blocks(st). Every lane runs the shuffles, so it is called warp-uniformly.
+  auto load_subtile = [&](int st, int stage, int blocks) {
     T* k_dst = warp_s + stage * 2 * Layout::kTileElems;
     T* v_dst = k_dst + Layout::kTileElems;
 #pragma unroll
     for (int i = 0; i < kChunksPerLane; ++i) {
       const int chunk = lane + i * kWarpSize;
       const int t = chunk / kChunksPerRow, c = chunk % kChunksPerRow;
+      const int64_t block = __shfl_sync(0xffffffffu, blocks, t);
+      if (st >= num_subtiles) continue;
       const int position = range_start + st * kTileTokens + t;
       const bool inside = position < range_end;
       const T* src = layer_base;   // any valid address when zero-filling
       if (inside) {
-        const int64_t block = table[position / block_size];
         src = layer_base + block * block_stride + static_cast<int64_t>(position % block_size) * HEAD_SIZE + c * 8;
       }
       cp_async_16(k_dst + t * kRowElems + c * 8, src, inside ? 16 : 0);
@@ -289,13 +302,20 @@ __global__ void __launch_bounds__(kNumThreads) paged_attention_kernel(
     }
   };
 
-  load_subtile(warp, 0);
-  cp_async_commit();
-  for (int step = 0, st = warp; st < num_subtiles; ++step, st += kNumWarps) {
-    const int stage = step & 1;
-    load_subtile(st + kNumWarps, stage ^ 1);   // prefetch the next sub-tile while computing this one
+  // Prologue: the first kStages - 1 sub-tiles in flight (one commit group each, empty past the end).
+#pragma unroll
+  for (int ahead = 0; ahead < kStages - 1; ++ahead) {
+    load_subtile(warp + ahead * kNumWarps, ahead, fetch_blocks(warp + ahead * kNumWarps));
     cp_async_commit();
-    cp_async_wait<1>();
+  }
+  int next_blocks = fetch_blocks(warp + (kStages - 1) * kNumWarps);
+  for (int step = 0, st = warp; st < num_subtiles; ++step, st += kNumWarps) {
+    const int stage = step % kStages;
+    // Refill the stage computed on last step with the sub-tile kStages - 1 ahead of this one.
+    load_subtile(st + (kStages - 1) * kNumWarps, (step + kStages - 1) % kStages, next_blocks);
+    cp_async_commit();
+    next_blocks = fetch_blocks(st + kStages * kNumWarps);
+    cp_async_wait<kStages - 1>();   // this step's group is complete; the later ones may be in flight
     __syncwarp();
     const T* k_s = warp_s + stage * 2 * Layout::kTileElems;
     const T* v_s = k_s + Layout::kTileElems;
@@ -458,19 +478,46 @@ __global__ void __launch_bounds__(kNumThreads) paged_attention_reduce_kernel(
 // ---------------------------------------------------------------------------------------------------
 // Host side.
 
-// Split-K heuristic. Without partitions there is one thread block per (row tile, kv head); partitions
-// multiply that by ceil(max_seq_len / kPartitionSize) at the price of a reduce kernel and an fp32 round
-// trip of O. They pay when the unsplit grid cannot keep every SM streaming: fewer thread blocks than
-// kMinBlocksPerSm per SM, and a context long enough to split (more than one partition).
-constexpr int kMinBlocksPerSm = 3;
+// Split-K heuristic, from the H200 measurements of benchmarks/paged_attention_bench.py. A thread block
+// costs a fixed ~4 us (launch, Q tile, pipeline fill, merge) plus one latency-bound step per sub-tile
+// per warp; blocks of one wave run side by side. So when the unsplit grid (one block per row tile and
+// kv head) fills less than a wave, partitions (split-K) add parallelism at no cost in waves: the count
+// is the number of partitions that fills one wave, floor(slots / unsplit blocks), but no partition is
+// shorter than kMinPartitionTokens (shorter ones are all fixed cost). A grid of a wave or more is not
+// split: an extra wave of fixed costs and the reduce kernel cost more than its tail wastes.
+// partition_mode: -1 this heuristic, 0 never, 1 always (the heuristic's count, at least 2), >= 2 that
+// many partitions (sweeps).
+constexpr int kMinPartitionTokens = 512;
+constexpr int kMaxPartitions = 64;
 
-int choose_partitions(int64_t unsplit_blocks, int64_t max_seq_len, int64_t partition_mode, int device) {
-  const int64_t partitions = (max_seq_len + kPartitionSize - 1) / kPartitionSize;
-  if (partition_mode == 1) return static_cast<int>(std::max<int64_t>(partitions, 1));
-  if (partition_mode == 0 || partitions <= 1) return 0;
-  int num_sms = 0;
+struct Partitioning {
+  int count;   // 0: not partitioned
+  int size;    // tokens per partition, a multiple of kTileTokens
+};
+
+Partitioning partitions_of(int64_t max_seq_len, int64_t count) {
+  if (count < 2 || max_seq_len <= kTileTokens) return Partitioning{0, 0};
+  const int64_t per = (max_seq_len + count - 1) / count;
+  const int size = static_cast<int>((per + kTileTokens - 1) / kTileTokens * kTileTokens);
+  return Partitioning{static_cast<int>((max_seq_len + size - 1) / size), size};
+}
+
+Partitioning choose_partitions(int64_t unsplit_blocks, int64_t max_seq_len, int64_t partition_mode, int slots) {
+  if (partition_mode == 0) return Partitioning{0, 0};
+  if (partition_mode >= 2) return partitions_of(max_seq_len, std::min<int64_t>(partition_mode, kMaxPartitions));
+  const int64_t longest = std::max<int64_t>(max_seq_len / kMinPartitionTokens, 1);
+  const int64_t fill = std::max<int64_t>(slots / std::max<int64_t>(unsplit_blocks, 1), 1);
+  const int64_t count = std::min({fill, longest, static_cast<int64_t>(kMaxPartitions)});
+  return partitions_of(max_seq_len, partition_mode == 1 ? std::max<int64_t>(count, 2) : count);
+}
+
+// Resident thread blocks per SM times SMs: one wave of the grid.
+template <typename Kernel>
+int grid_slots(Kernel kernel, int shared_bytes, int device) {
+  int num_sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
-  return unsplit_blocks < static_cast<int64_t>(kMinBlocksPerSm) * num_sms ? static_cast<int>(partitions) : 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kNumThreads, shared_bytes));
+  return std::max(per_sm, 1) * num_sms;
 }
 
 template <typename scalar_t, int HEAD_SIZE>
@@ -493,8 +540,13 @@ void launch_paged_attention(at::Tensor& out,               // [T, num_heads, HEA
   const bool decode = !query_start_loc.has_value();
   const int64_t row_tiles = decode ? num_seqs : (num_tokens + tiling.tokens - 1) / tiling.tokens + num_seqs;
   const int device = query.get_device();
-  const int partitions =
-      choose_partitions(row_tiles * num_kv_heads * tiling.head_tiles, max_seq_len, partition_mode, device);
+  auto single_kernel = paged_attention_kernel<T, HEAD_SIZE, false>;
+  auto split_kernel = paged_attention_kernel<T, HEAD_SIZE, true>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(single_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kTotal));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kTotal));
+  const Partitioning split = choose_partitions(row_tiles * num_kv_heads * tiling.head_tiles, max_seq_len,
+                                               partition_mode, grid_slots(single_kernel, Layout::kTotal, device));
+  const int partitions = split.count;
   const dim3 grid(static_cast<unsigned>(row_tiles), num_kv_heads * tiling.head_tiles, std::max(partitions, 1));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
 
@@ -508,23 +560,22 @@ void launch_paged_attention(at::Tensor& out,               // [T, num_heads, HEA
   (void)max_query_len;   // bounded by num_tokens; kept in the signature for future tilings
 
   auto run = [&](auto kernel, float* sums, float* maxes, float* partial, int parts) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kTotal));
     kernel<<<grid, kNumThreads, Layout::kTotal, stream>>>(
         out_ptr, sums, maxes, partial, q_ptr, kv_ptr, block_tables.data_ptr<int>(), seq_lens.data_ptr<int>(),
         starts, num_seqs, static_cast<int>(layer), num_heads, num_kv_heads, block_size, max_blocks, parts,
-        scale_log2, query.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        split.size, scale_log2, query.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (partitions == 0) {
-    run(paged_attention_kernel<T, HEAD_SIZE, false>, nullptr, nullptr, nullptr, 1);
+    run(single_kernel, nullptr, nullptr, nullptr, 1);
     return;
   }
   auto float_opts = query.options().dtype(at::kFloat);
   at::Tensor exp_sums = at::empty({num_tokens, num_heads, partitions}, float_opts);                // [T, H, P]
   at::Tensor max_logits = at::empty({num_tokens, num_heads, partitions}, float_opts);              // [T, H, P]
   at::Tensor tmp_out = at::empty({num_tokens, num_heads, partitions, HEAD_SIZE}, float_opts);      // [T, H, P, D]
-  run(paged_attention_kernel<T, HEAD_SIZE, true>, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(),
+  run(split_kernel, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(),
       tmp_out.data_ptr<float>(), partitions);
   paged_attention_reduce_kernel<T, HEAD_SIZE><<<dim3(num_tokens, num_heads), kNumThreads, 0, stream>>>(
       out_ptr, exp_sums.data_ptr<float>(), max_logits.data_ptr<float>(), tmp_out.data_ptr<float>(), num_heads,

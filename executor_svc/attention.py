@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from executor_svc import ops
+from executor_svc import flash_prefill, ops
+
+# Steps whose longest new chunk has at least this many tokens attend through the paged gather +
+# FlashAttention-2 path (executor_svc/flash_prefill.py); shorter chunks and decode use our kernel.
+# Measured on an H200 (benchmarks/results/paged_attention_h200.md, prefill table): our kernel wins every
+# 16-token chunk and most 128-token ones (the gather costs more than it saves), FA2 wins from 512 on
+# (up to 4.8x at 2048: our mma.sync kernel re-reads K/V per 16 query rows).
+FLASH_PREFILL_MIN_QUERY_LEN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +177,13 @@ class ForwardContext:
         return paged_attention_reference(query, layer_cache, self.meta, scale)
 
     def _attend_with_kernel(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """Our PagedAttention kernel, decode or prefill over paged context. query: [T, H, D]."""
+        """Decode or prefill over paged context on the GPU: our kernel, or gather + FA2 for long chunks.
+
+        query: [T, H, D]; returns [T, H, D]
+        """
+        if (self.meta.max_query_len >= FLASH_PREFILL_MIN_QUERY_LEN
+                and flash_prefill.flash_supported(query, self.kv_cache)):
+            return flash_prefill.paged_flash_attention(query, self.kv_cache, layer, self.meta, scale)
         if self._kernel_args is None:
             # int32 copies made once per forward pass, not once per layer. Decode passes no token
             # offsets: the kernel then maps sequence i to query row i.

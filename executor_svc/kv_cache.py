@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from executor_svc import ops
+
 # More runs than this and a swap gathers through one staging buffer instead of copying run by run.
 MAX_RUN_COPIES = 4
 
@@ -92,6 +94,9 @@ class KVCache:
         if not pairs:
             return
         index = torch.tensor(pairs, dtype=torch.int64, device=self.device)   # [P, 2]
+        if self.gpu.is_cuda and ops.kernels_enabled():
+            ops.copy_blocks(self.gpu, index)        # one launch, 16-byte vectorised block copies
+            return
         self.gpu.index_copy_(0, index[:, 1], self.gpu.index_select(0, index[:, 0]))
 
     def _transfer(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

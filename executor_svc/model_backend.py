@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from executor_svc import ops
 from executor_svc.attention import AttentionMetadata, ForwardContext
 from executor_svc.backend import CacheDescription, ModelDescription
 from executor_svc.config import ExecutorConfig
@@ -60,7 +61,7 @@ class ModelBackend:
         log.info("loaded %s (%s, %s weights) on %s as %s in %.1fs", config.model,
                  self.hf_config.architectures[0], config.load_format, self.device,
                  str(self.dtype).removeprefix("torch."), time.perf_counter() - start)
-        log.info("attention: torch reference PagedAttention")
+        log.info("attention: %s", ops.describe_attention(self.device))
         self.runner: ModelRunner | None = None
 
     def describe(self) -> ModelDescription:

@@ -71,13 +71,33 @@ def kernels_available() -> bool:
 
 
 def kernels_enabled() -> bool:
-    """Whether attention should use the kernels: built, and opted in with PAGEDSERVE_CUDA_KERNELS=1.
+    """Whether attention and the cache should use the kernels: built (on a CUDA device), and not turned
+    off with PAGEDSERVE_CUDA_KERNELS=0 (which selects the torch reference, for comparisons)."""
+    return os.environ.get("PAGEDSERVE_CUDA_KERNELS", "1") != "0" and kernels_available()
 
-    Opt-in for now: the decode kernel matches the reference on an H200 over the whole test grid, but
-    the cache kernels and the end-to-end path still await their GPU run, and an error raised inside
-    the extension crashed the process on the device image (under investigation).
+
+def describe_attention(device: torch.device) -> str:
+    """One line for the executor's start-up log: which attention implementation serves `device`.
+
+    On CUDA this builds (or loads the cached build of) the extension, so the first request does not.
     """
-    return os.environ.get("PAGEDSERVE_CUDA_KERNELS", "0") == "1" and kernels_available()
+    if device.type != "cuda":
+        return f"torch reference PagedAttention (no CUDA kernels on {device.type})"
+    if os.environ.get("PAGEDSERVE_CUDA_KERNELS", "1") == "0":
+        return "torch reference PagedAttention (PAGEDSERVE_CUDA_KERNELS=0)"
+    if not kernels_available():
+        return "torch reference PagedAttention (the CUDA kernels did not build; see the warning above)"
+    return "PagedServe CUDA kernels (fp16/bf16; other dtypes use the torch reference)"
+
+
+def _launch(function: str, *args: object) -> None:
+    """Call the extension's `function`; its argument problems come back as text and raise here.
+
+    The extension reports a bad argument instead of throwing (see csrc/bindings.cpp for why).
+    """
+    problem = getattr(_kernels(), function)(*args)
+    if problem:
+        raise ValueError(problem)
 
 
 def _kernels() -> ModuleType:
@@ -119,13 +139,14 @@ def paged_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tens
     seq_lens:        [S] int32 (converted): context length including the new tokens, each <= max_seq_len
     query_start_loc: [S + 1] int32 (converted) token offsets of the sequences in `query`; None for decode
                      (one token per sequence, T == S)
-    partition_mode:  -1 chooses split-K by the kernel's heuristic, 0 never, 1 always (for tests).
+    partition_mode:  -1 chooses split-K by the kernel's heuristic, 0 never, 1 always, >= 2 that many
+                     partitions (tests and sweeps).
     """
     starts = None if query_start_loc is None else query_start_loc.to(torch.int32).contiguous()
     tables = block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
-    _kernels().paged_attention(out, _aligned_rows(query), kv_cache, layer, tables, lens, starts, float(scale),
-                               int(max_seq_len), int(max_query_len), int(partition_mode))
+    _launch("paged_attention", out, _aligned_rows(query), kv_cache, layer, tables, lens, starts, float(scale),
+            int(max_seq_len), int(max_query_len), int(partition_mode))
     return out
 
 
@@ -152,7 +173,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Te
         key = key.to(kv_cache.dtype).contiguous()
     if value.stride(-1) != 1 or value.dtype != kv_cache.dtype:
         value = value.to(kv_cache.dtype).contiguous()
-    _kernels().reshape_and_cache(key, value, kv_cache, layer, slot_mapping.to(torch.int64).contiguous())
+    _launch("reshape_and_cache", key, value, kv_cache, layer, slot_mapping.to(torch.int64).contiguous())
 
 
 def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
@@ -161,4 +182,4 @@ def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
     kv_cache: [num_blocks, num_layers, 2, Hkv, B, D], contiguous
     pairs:    [P, 2] int64 of (src, dst) block ids, on the cache's device
     """
-    _kernels().copy_blocks(kv_cache, pairs.to(device=kv_cache.device, dtype=torch.int64).contiguous())
+    _launch("copy_blocks", kv_cache, pairs.to(device=kv_cache.device, dtype=torch.int64).contiguous())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the kernels on a device machine with torch + CUDA but without this package installed:
-# the extension exception probe, the kernel and GPU end-to-end tests, then a short decode timing.
+# the extension exception probe (PROBE=0 skips it), then the given GPU tests (pytest arguments).
 # Outputs go to $OUT (default ./gpu-out). Carry protos/pagedserve/v1 (generated stubs) and .whl (the
 # grpcio-health-checking and grpcio-reflection wheels) when the machine lacks them.
 #
@@ -15,7 +15,7 @@ fi
 export PYTHONPATH="$PWD:$PWD/protos:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export PAGEDSERVE_KERNEL_CACHE="${PAGEDSERVE_KERNEL_CACHE:-/tmp/pagedserve-kernels}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-python3 benchmarks/device/extension_exception_probe.py 2>&1 | tee "$OUT/exception_probe.txt"
+[ "${PROBE:-1}" = 0 ] || python3 benchmarks/device/extension_exception_probe.py 2>&1 | tee "$OUT/exception_probe.txt"
 status=0
 python3 -m pytest -p no:cacheprovider -o addopts="" -q -rfE --durations=15 "$@" 2>&1 | tee "$OUT/gpu_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -192,8 +192,9 @@ from executor_svc import ops
 def rejects(fn, text):
     try:
         fn()
-    except RuntimeError as err:
+    except ValueError as err:
         assert text in str(err), str(err)
+        print("rejected:", text, flush=True)
     else:
         raise AssertionError("accepted a call that must fail: " + text)
 
@@ -214,8 +215,8 @@ rejects(lambda: ops.paged_attention_decode(out, query.cpu(), cache, 0, tables, l
         "must be a CUDA tensor")
 rejects(lambda: ops.paged_attention_decode(out, query, cache, 3, tables, lens, 1.0, 1),
         "layer 3 out of range")
-kernels = ops._kernels()
-rejects(lambda: kernels.paged_attention(out, query, cache, 0, tables, lens.long(), None, 1.0, 1, 1, -1),
+rejects(lambda: ops._launch("paged_attention", out, query, cache, 0, tables, lens.long(), None, 1.0, 1, 1,
+                            -1),
         "seq_lens must be a contiguous int32")
 starts = torch.zeros(5, device="cuda")
 rejects(lambda: ops.paged_attention(out, query, cache, 0, tables, lens, starts, 1.0, 1, 1),
@@ -225,7 +226,7 @@ rejects(lambda: ops.paged_attention_decode(out, query, cache, 0, tables, lens, 1
 # The process goes on working after the rejections.
 ops.paged_attention_decode(out, query, cache, 0, tables, lens, 1.0, 1)
 torch.cuda.synchronize()
-print("all rejected cleanly")
+print("all rejected cleanly", flush=True)
 """
 
 
@@ -239,9 +240,9 @@ def test_decode_rejects_unsupported_shapes_clearly() -> None:
 
     repo = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _REJECTIONS], capture_output=True, text=True, timeout=600,
-                          cwd=repo, env=env)
-    assert done.returncode == 0, f"exit code {done.returncode}: {done.stderr[-3000:]}"
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _REJECTIONS], capture_output=True,
+                          text=True, timeout=600, cwd=repo, env=env)
+    assert done.returncode == 0, f"exit code {done.returncode}: {done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
