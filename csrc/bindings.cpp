@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <sstream>
+#include <type_traits>
 #include <string>
 
 namespace pagedserve {
@@ -35,11 +35,28 @@ namespace {
 // (SIGSEGV) -- although small test extensions built with the same toolchain raise cleanly
 // (benchmarks/device/extension_exception_probe.py) -- so a bad argument must not reach a throw. Errors
 // the CUDA runtime reports at launch still raise through torch's handlers (torch::wrap_pybind_function).
+// The probe's cases that raise cleanly never build a std::ostringstream in the extension; ours did.
+// Messages are assembled with std::string alone: a std::ostringstream instantiated in this extension
+// crashed the interpreter on the device image (see above), and none of our arguments needs one.
+inline void append(std::string& text, const char* part) { text += part; }
+inline void append(std::string& text, const std::string& part) { text += part; }
+inline void append(std::string& text, const c10::Device& part) { text += part.str(); }
+inline void append(std::string& text, c10::ScalarType part) { text += c10::toString(part); }
+inline void append(std::string& text, at::IntArrayRef part) {
+  text += "[";
+  for (size_t i = 0; i < part.size(); ++i) text += (i ? ", " : "") + std::to_string(part[i]);
+  text += "]";
+}
+template <typename Int, std::enable_if_t<std::is_integral_v<Int>, int> = 0>
+void append(std::string& text, Int part) {
+  text += std::to_string(part);
+}
+
 template <typename... Parts>
 std::string message_of(const Parts&... parts) {
-  std::ostringstream message;
-  (message << ... << parts);
-  return message.str();
+  std::string text;
+  (append(text, parts), ...);
+  return text;
 }
 
 #define PAGEDSERVE_REQUIRE(ok, ...) \

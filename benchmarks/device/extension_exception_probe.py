@@ -19,9 +19,15 @@ import tempfile
 
 CPP = r"""
 #include <torch/extension.h>
+#include <sstream>
 #include <stdexcept>
 void throw_runtime(const at::Tensor& t) { throw std::runtime_error("plain runtime_error"); }
 void torch_check(const at::Tensor& t) { TORCH_CHECK(false, "TORCH_CHECK failed"); }
+void stream_message(const at::Tensor& t) {
+  std::ostringstream message;   // a stream built in the extension itself, then a plain exception
+  message << "message built with an ostringstream " << 42;
+  throw std::runtime_error(message.str());
+}
 """
 # The same throwing function bound with a plain m.def, i.e. translated by pybind11 rather than by torch's
 # wrap_pybind_function (what load_inline's `functions=` generates).
@@ -41,7 +47,8 @@ CHILD = r"""
 import sys, torch
 from torch.utils.cpp_extension import load_inline
 name, cuda, flags, function = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
-kwargs = dict(name=name, cpp_sources=[CPP], functions=["throw_runtime", "torch_check"] if not cuda else None,
+functions = ["throw_runtime", "torch_check", "stream_message"]
+kwargs = dict(name=name, cpp_sources=[CPP], functions=None if cuda else functions,
               extra_cflags=["-O2"], build_directory=sys.argv[5], verbose=False)
 if flags == "plain":
     kwargs.update(cpp_sources=[CPP + PLAIN_MODULE], functions=None)
@@ -84,6 +91,7 @@ def main() -> int:
     ops_flags = " ".join(["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
                           "-gencode=arch=compute_80,code=sm_80"])
     cases = [("cpp_only", "0", "", "throw_runtime"), ("cpp_only", "0", "", "torch_check"),
+             ("cpp_only", "0", "", "stream_message"),
              ("plain_def", "0", "plain", "throw_runtime"), ("plain_def", "0", "plain", "torch_check"),
              ("with_cuda", "1", ops_flags, "throw_runtime"), ("with_cuda", "1", ops_flags, "torch_check"),
              ("with_cuda", "1", ops_flags, "launch")]
