@@ -15,6 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import paged_cache_helpers  # noqa: E402
+
 from executor_svc import ops  # noqa: E402
 from executor_svc.attention import (  # noqa: E402
     AttentionMetadata,
@@ -55,26 +57,9 @@ def context_lengths(rng: random.Random, batch: int, block_size: int, long: bool)
 
 def poisoned_cache(rng: random.Random, lengths: list[int], num_kv_heads: int, head_size: int,
                    block_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, list[list[int]]]:
-    """A NaN-filled cache with random K/V at exactly the slots of each sequence's context.
-
-    returns kv_cache [num_blocks, NUM_LAYERS, 2, Hkv, B, D] and each sequence's shuffled block table
-    """
-    needed = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(needed) + 7                       # a few blocks nobody owns
-    ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables, start = [], 0
-    for n in needed:
-        tables.append(ids[start:start + n])
-        start += n
-    cache = torch.full((num_blocks, NUM_LAYERS, 2, num_kv_heads, block_size, head_size), float("nan"),
-                       dtype=dtype, device=DEVICE)
-    meta = AttentionMetadata.build([0] * len(lengths), lengths, tables, block_size, DEVICE)
-    for layer in range(NUM_LAYERS):
-        k = torch.randn(meta.num_tokens, num_kv_heads, head_size, device=DEVICE)
-        v = torch.randn(meta.num_tokens, num_kv_heads, head_size, device=DEVICE)
-        write_kv_reference(cache[:, layer], k, v, meta.slot_mapping)
-    return cache, tables
+    """paged_cache_helpers.poisoned_cache with this module's layer count and device."""
+    return paged_cache_helpers.poisoned_cache(rng, lengths, NUM_LAYERS, num_kv_heads, head_size, block_size,
+                                              dtype, DEVICE)
 
 
 def decode_cases() -> list[tuple]:

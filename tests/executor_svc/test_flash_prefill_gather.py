@@ -11,27 +11,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from paged_cache_helpers import shuffled_tables  # noqa: E402
+
 from executor_svc.attention import AttentionMetadata, gather_context  # noqa: E402
 from executor_svc.flash_prefill import flash_available, flash_supported, gather_paged_kv  # noqa: E402
 
 NUM_LAYERS = 3
-
-
-def shuffled_tables(rng: random.Random, lengths: list[int], block_size: int,
-                    spare: int = 5) -> tuple[int, list[list[int]]]:
-    """Disjoint block tables covering each length, drawn from a shuffled pool with `spare` blocks unused.
-
-    returns the pool size and the tables
-    """
-    needed = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(needed) + spare
-    ids = list(range(num_blocks))
-    rng.shuffle(ids)
-    tables, start = [], 0
-    for n in needed:
-        tables.append(ids[start:start + n])
-        start += n
-    return num_blocks, tables
 
 
 def random_lengths(rng: random.Random, batch: int, block_size: int) -> list[int]:
@@ -59,7 +44,7 @@ def test_gather_matches_per_sequence_context(seed: int, block_size: int, heads: 
     rng = random.Random(f"{seed} {block_size} {heads}")
     torch.manual_seed(seed)
     lengths = random_lengths(rng, rng.randint(1, 8), block_size)
-    num_blocks, tables = shuffled_tables(rng, lengths, block_size)
+    num_blocks, tables = shuffled_tables(rng, lengths, block_size, spare=5)
     kv_cache = torch.randn(num_blocks, NUM_LAYERS, 2, num_kv_heads, block_size, head_size)
     # Padded [S, max_blocks] int32 tables, as the executor builds them.
     meta = AttentionMetadata.build([0] * len(lengths), lengths, tables, block_size)
@@ -80,7 +65,7 @@ def test_gather_takes_device_lengths_and_reduced_precision() -> None:
     """seq_lens passed as a tensor gives the same result; half-precision caches are copied exactly."""
     rng = random.Random(7)
     lengths = [17, 1, 64, 33]
-    num_blocks, tables = shuffled_tables(rng, lengths, 16)
+    num_blocks, tables = shuffled_tables(rng, lengths, 16, spare=5)
     kv_cache = torch.randn(num_blocks, NUM_LAYERS, 2, 2, 16, 32).to(torch.bfloat16)
     meta = AttentionMetadata.build([n - 3 if n > 3 else 0 for n in lengths],
                                    [3 if n > 3 else n for n in lengths], tables, 16)
@@ -96,7 +81,7 @@ def test_gather_reads_only_the_context_slots() -> None:
     """With every slot outside the sequences' context NaN, the gathered K/V hold no NaN."""
     rng = random.Random(11)
     block_size, lengths = 8, [13, 8, 1, 30]
-    num_blocks, tables = shuffled_tables(rng, lengths, block_size)
+    num_blocks, tables = shuffled_tables(rng, lengths, block_size, spare=5)
     kv_cache = torch.full((num_blocks, NUM_LAYERS, 2, 2, block_size, 16), float("nan"))
     meta = AttentionMetadata.build([0] * len(lengths), lengths, tables, block_size)
     for layer in range(NUM_LAYERS):
