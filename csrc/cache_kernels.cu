@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "dispatch_utils.h"
+#include "kernels.h"
 
 namespace pagedserve {
 

@@ -35,6 +35,7 @@
 #include <optional>
 
 #include "dispatch_utils.h"
+#include "kernels.h"
 
 namespace pagedserve {
 
