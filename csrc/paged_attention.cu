@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 
@@ -521,6 +522,23 @@ int grid_slots(Kernel kernel, int shared_bytes, int device) {
   return std::max(per_sm, 1) * num_sms;
 }
 
+constexpr int kMaxDevices = 64;
+
+// Once per kernel instantiation and device (not per layer per step): raise both variants' dynamic
+// shared-memory limit, and return the grid slots of a wave. Concurrent first calls compute the same
+// value, so the unsynchronised cache is benign.
+template <typename Kernel>
+int prepare_kernels(Kernel single, Kernel split, int shared_bytes, int device, std::atomic<int>* slots_cache) {
+  if (device >= 0 && device < kMaxDevices) {
+    if (const int cached = slots_cache[device].load(std::memory_order_relaxed); cached > 0) return cached;
+  }
+  C10_CUDA_CHECK(cudaFuncSetAttribute(single, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(split, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes));
+  const int slots = grid_slots(single, shared_bytes, device);
+  if (device >= 0 && device < kMaxDevices) slots_cache[device].store(slots, std::memory_order_relaxed);
+  return slots;
+}
+
 template <typename scalar_t, int HEAD_SIZE>
 void launch_paged_attention(at::Tensor& out,               // [T, num_heads, HEAD_SIZE]
                             const at::Tensor& query,       // [T, num_heads, HEAD_SIZE]
@@ -543,10 +561,10 @@ void launch_paged_attention(at::Tensor& out,               // [T, num_heads, HEA
   const int device = query.get_device();
   auto single_kernel = paged_attention_kernel<T, HEAD_SIZE, false>;
   auto split_kernel = paged_attention_kernel<T, HEAD_SIZE, true>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(single_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kTotal));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout::kTotal));
+  static std::atomic<int> slots_per_device[kMaxDevices] = {};   // this instantiation's, per device
+  const int slots = prepare_kernels(single_kernel, split_kernel, Layout::kTotal, device, slots_per_device);
   const Partitioning split = choose_partitions(row_tiles * num_kv_heads * tiling.head_tiles, max_seq_len,
-                                               partition_mode, grid_slots(single_kernel, Layout::kTotal, device));
+                                               partition_mode, slots);
   const int partitions = split.count;
   const dim3 grid(static_cast<unsigned>(row_tiles), num_kv_heads * tiling.head_tiles, std::max(partitions, 1));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
