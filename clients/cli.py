@@ -7,7 +7,14 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol
 
-from clients import generate_command, healthcheck_command, info_command, serve_command, simulate_command
+from clients import (
+    bench_command,
+    generate_command,
+    healthcheck_command,
+    info_command,
+    serve_command,
+    simulate_command,
+)
 from clients.client import PagedServeError
 from scheduler_svc.errors import InvalidArgumentError
 
@@ -27,6 +34,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "serve": (serve_command, "start a scheduler and its executors here and serve until interrupted"),
     "simulate": (simulate_command,
                  "run the scheduler on a synthetic trace against the simulated executor (no GPU)"),
+    "bench": (bench_command, "benchmark serving throughput and latency on a synthetic workload"),
     "generate": (generate_command, "stream a completion of one prompt from a running server"),
     "info": (info_command, "describe the served model and its KV cache"),
     "healthcheck": (healthcheck_command, "exit 0 when the server is SERVING (for docker HEALTHCHECK)"),

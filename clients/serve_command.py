@@ -32,12 +32,17 @@ log = logging.getLogger("pagedserve.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Launcher flags, every scheduler flag, and the executor's model and device flags."""
-    parser.add_argument("--executors", type=int, default=1, metavar="N",
-                        help="executor ranks to start (default 1)")
+    """The demo flags and the stack's flags."""
     parser.add_argument("--demo-prompt", default=None, metavar="TEXT",
                         help="once serving, stream a completion of TEXT to stdout")
     parser.add_argument("--demo-max-tokens", type=int, default=64, help="tokens of the demo completion")
+    add_stack_arguments(parser)
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """Launcher flags, every scheduler flag, and the executor's model and device flags."""
+    parser.add_argument("--executors", type=int, default=1, metavar="N",
+                        help="executor ranks to start (default 1)")
     parser.add_argument("--no-restart-executors", dest="restart_executors", action="store_false",
                         help="leave an executor that died down (by default it is restarted on its port)")
     SchedulerConfig.add_arguments(parser)

@@ -74,3 +74,11 @@ def prompt_token_ids(request_index: int, length: int, vocab_size: int, seed: int
     """Deterministic pseudo-random prompt tokens (ids 3 and up, clear of common special tokens)."""
     rng = random.Random(seed * 1_000_003 + request_index)
     return [rng.randrange(3, vocab_size) for _ in range(length)]
+
+
+def shared_prefix_prompt(request_index: int, length: int, prefix_len: int, vocab_size: int,
+                         seed: int = 0) -> list[int]:
+    """A prompt whose first `prefix_len` tokens are the same for every request (a shared system prompt),
+    followed by the request's own tokens; `length` counts both."""
+    prefix = prompt_token_ids(-1, min(prefix_len, length), vocab_size, seed)
+    return prefix + prompt_token_ids(request_index, length - len(prefix), vocab_size, seed)

@@ -20,6 +20,7 @@ from executor_svc.backend import CacheDescription, ModelDescription
 from executor_svc.config import ExecutorConfig
 from executor_svc.kv_cache import CacheShape, KVCache
 from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
+from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
 from executor_svc.runner import ModelRunner
 from scheduler_svc.plan import StepPlan, StepResult
 
@@ -63,6 +64,7 @@ class ModelBackend:
                  str(self.dtype).removeprefix("torch."), time.perf_counter() - start)
         log.info("attention: %s", ops.describe_attention(self.device))
         self.runner: ModelRunner | None = None
+        self._copy_bandwidth: float | None = None
 
     def describe(self) -> ModelDescription:
         """The loaded model."""
@@ -86,6 +88,7 @@ class ModelBackend:
         """Profile a worst-case step, then allocate as many blocks as fit."""
         start = time.perf_counter()
         self.runner = None                      # free the old cache before measuring
+        bandwidth = self._bandwidth()           # before profiling, which then frees its buffers
         shape = CacheShape(self.model.num_layers, self.model.num_kv_heads, block_size, self.model.head_size,
                            self.dtype)
         max_tokens = max_num_batched_tokens or self.model.max_model_len
@@ -98,9 +101,18 @@ class ModelBackend:
             raise RuntimeError("no memory is left for the KV cache after a worst-case step: raise "
                                "gpu_memory_utilization, or lower max_num_batched_tokens or max_model_len")
         num_cpu_blocks = swap_space_bytes // shape.block_bytes
-        self.runner = ModelRunner(self.model, KVCache(shape, num_gpu_blocks, num_cpu_blocks, self.device))
+        roofline = DecodeRoofline.for_model(self.model, shape, bandwidth)
+        self.runner = ModelRunner(self.model, KVCache(shape, num_gpu_blocks, num_cpu_blocks, self.device),
+                                  roofline=roofline)
         elapsed = time.perf_counter() - start
         return CacheDescription(num_gpu_blocks, num_cpu_blocks, shape.block_bytes, elapsed)
+
+    def _bandwidth(self) -> float:
+        """The device's copy bandwidth, measured on first use (before the cache takes the memory)."""
+        if self._copy_bandwidth is None:
+            self._copy_bandwidth = measure_copy_bandwidth(self.device)
+            log.info("copy bandwidth %.0f GB/s (the decode roofline's reference)", self._copy_bandwidth / 1e9)
+        return self._copy_bandwidth
 
     def _cuda_blocks(self, shape: CacheShape, utilization: float, max_tokens: int) -> int:
         torch.cuda.synchronize(self.device)

@@ -15,6 +15,7 @@ import torch
 from executor_svc.attention import AttentionMetadata, ForwardContext
 from executor_svc.kv_cache import KVCache
 from executor_svc.models.base import CausalLM
+from executor_svc.roofline import DecodeRoofline
 from executor_svc.sampler import Sampler, SamplingRow
 from scheduler_svc.plan import Sample, SequenceResult, SequenceWork, StepPlan, StepResult
 from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
@@ -32,8 +33,10 @@ class _Batch:
 class ModelRunner:
     """Runs plans against one model and its KV cache; calls come from one thread."""
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache, sampler: Sampler | None = None) -> None:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, sampler: Sampler | None = None,
+                 roofline: DecodeRoofline | None = None) -> None:
         self.model = model
+        self.roofline = roofline
         self.kv_cache = kv_cache
         self.sampler = sampler or Sampler()
         self.device = kv_cache.device
@@ -58,7 +61,14 @@ class ModelRunner:
         results = self._forward(plan.sequences) if plan.sequences else ()
         forward_seconds = time.perf_counter() - forward_start
         self.seqs.forget(plan.forget_seq_ids)
-        return StepResult(plan.step_id, results, forward_seconds=forward_seconds, swap_seconds=swap_seconds)
+        return StepResult(plan.step_id, results, forward_seconds=forward_seconds, swap_seconds=swap_seconds,
+                          roofline_seconds=self._roofline_seconds(plan.sequences))
+
+    def _roofline_seconds(self, works: list[SequenceWork]) -> float:
+        """The memory-roofline time of a step of decode tokens only (0 for any other step)."""
+        if self.roofline is None or not works or any(len(w.token_ids) != 1 for w in works):
+            return 0.0
+        return self.roofline.seconds([w.start_position + 1 for w in works])
 
     def _prepare(self, works: list[SequenceWork]) -> _Batch:
         """Update each sequence's table and history; lay its new tokens out in one flat batch."""

@@ -33,7 +33,7 @@ from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.outputs import RequestOutput
-from scheduler_svc.plan import StepPlan
+from scheduler_svc.plan import StepPlan, StepResult
 from scheduler_svc.plan_codec import ExecutorStepError, plan_to_proto, result_from_proto
 from scheduler_svc.request_stream import RequestStream
 from scheduler_svc.sampling_params import SamplingParams
@@ -253,12 +253,14 @@ class Engine:
                 await asyncio.sleep(0)
                 continue
             try:
-                await self._step(plan, schedule_seconds)
+                await self._step(plan, started, schedule_seconds)
             except (grpc.RpcError, ExecutorStepError) as err:
                 await self._recover(err)
 
-    async def _step(self, plan: StepPlan, schedule_seconds: float) -> None:
+    async def _step(self, plan: StepPlan, started: float, schedule_seconds: float) -> None:
+        """Run one plan on every rank and process its results; `started` is when scheduling began."""
         assert self.scheduler is not None
+        batch = self.scheduler.stats()         # before results retire finished requests
         message = plan_to_proto(plan)
         sent = time.perf_counter()
         await asyncio.gather(*(link.send(message) for link in self.links))
@@ -276,10 +278,13 @@ class Engine:
         prompt_tokens = sum(len(w.token_ids) for w in plan.sequences if w.num_samples == 0
                             or len(w.token_ids) > 1)
         generated = sum(w.num_samples for w in plan.sequences)
-        self.metrics.record_step(step_seconds + schedule_seconds, schedule_seconds, step_seconds,
-                                 prompt_tokens, generated)
+        iteration_seconds = time.perf_counter() - started
+        self.metrics.record_step(iteration_seconds, schedule_seconds, step_seconds, prompt_tokens, generated)
+        self.metrics.record_iteration(batch.num_running, batch.kv_utilization,
+                                      iteration_seconds - result.forward_seconds - result.swap_seconds,
+                                      _roofline_ratio(result))
         self._record_stats()
-        self._throughput.add(prompt_tokens, generated, step_seconds + schedule_seconds, self.scheduler)
+        self._throughput.add(prompt_tokens, generated, iteration_seconds, self.scheduler)
 
     def _take_pending(self) -> list[RequestOutput]:
         assert self.scheduler is not None
@@ -377,6 +382,13 @@ class _ThroughputLog:
                  stats.num_waiting, stats.num_swapped, 100 * stats.gpu_usage, 100 * stats.cpu_usage,
                  stats.num_preemptions_swap, stats.num_preemptions_recompute)
         self._since, self._prompt_tokens, self._generated = time.monotonic(), 0, 0
+
+
+def _roofline_ratio(result: StepResult) -> float | None:
+    """Roofline time over forward time of a decode-only step; None for other steps."""
+    if result.roofline_seconds <= 0 or result.forward_seconds <= 0:
+        return None
+    return result.roofline_seconds / result.forward_seconds
 
 
 def _check_fits(prompt_len: int, max_tokens: int, max_model_len: int) -> None:

@@ -22,6 +22,8 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2
                 5.0, 10.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 180.0, 300.0,
                450.0, 600.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
                  120.0, 300.0, 600.0)
 
@@ -61,6 +63,13 @@ class SchedulerMetrics:
       pagedserve_inter_token_latency_seconds  between consecutive tokens of a sequence
       pagedserve_e2e_request_latency_seconds  request arrival to finish
       pagedserve_request_queue_time_seconds   request arrival to first scheduled
+      pagedserve_step_control_plane_seconds   an iteration's time not spent in the executors' forward pass
+                                              or swaps: scheduling, plan and result coding, gRPC,
+                                              detokenization and streaming (when not overlapped)
+    Per-iteration histograms (their _sum / _count is the mean over iterations, as benchmarks report):
+      pagedserve_step_batched_requests        requests running in the iteration's batch
+      pagedserve_step_kv_utilization_ratio    KV utilization during the iteration
+      pagedserve_decode_roofline_ratio        decode-only iterations: memory-roofline time / forward time
 
     The three step-phase durations are separate histograms rather than one with a `phase` label: the
     whole step contains the other two, so summing over a `phase` label would double-count, and
@@ -115,6 +124,19 @@ class SchedulerMetrics:
         self.executor_wait = Histogram("pagedserve_executor_wait_seconds",
                                        "Time per iteration from sending the plan to every rank's result.",
                                        buckets=STEP_BUCKETS, registry=r)
+        self.control_plane = Histogram("pagedserve_step_control_plane_seconds",
+                                       "Time per iteration outside the executors' forward pass and swaps.",
+                                       buckets=STEP_BUCKETS, registry=r)
+        self.batched_requests = Histogram("pagedserve_step_batched_requests",
+                                          "Requests running in an iteration's batch.", buckets=BATCH_BUCKETS,
+                                          registry=r)
+        self.step_kv_utilization = Histogram("pagedserve_step_kv_utilization_ratio",
+                                             "KV utilization (token slots holding tokens / token slots "
+                                             "allocated) during an iteration.", buckets=RATIO_BUCKETS,
+                                             registry=r)
+        self.decode_roofline = Histogram("pagedserve_decode_roofline_ratio",
+                                         "Decode-only iterations: memory-roofline time over forward time.",
+                                         buckets=RATIO_BUCKETS, registry=r)
         self.prompt_tokens = Counter("pagedserve_prompt_tokens_total",
                                      "Prompt tokens computed, recomputation included.", registry=r)
         self.generation_tokens = Counter("pagedserve_generation_tokens_total", "Tokens generated.",
@@ -170,6 +192,15 @@ class SchedulerMetrics:
         self.executor_wait.observe(executor_seconds)
         self.prompt_tokens.inc(num_prompt_tokens)
         self.generation_tokens.inc(num_generation_tokens)
+
+    def record_iteration(self, batched_requests: int, kv_utilization: float, control_plane_seconds: float,
+                         roofline_ratio: float | None) -> None:
+        """One iteration's batch, KV utilization, control-plane time and (decode-only) roofline ratio."""
+        self.batched_requests.observe(batched_requests)
+        self.step_kv_utilization.observe(kv_utilization)
+        self.control_plane.observe(max(control_plane_seconds, 0.0))
+        if roofline_ratio is not None:
+            self.decode_roofline.observe(roofline_ratio)
 
     def record_first_token(self, seconds: float) -> None:
         """A request's time to first token, from its arrival."""

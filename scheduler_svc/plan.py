@@ -127,3 +127,4 @@ class StepResult:
     sequences: tuple[SequenceResult, ...] = ()
     forward_seconds: float = 0.0
     swap_seconds: float = 0.0
+    roofline_seconds: float = 0.0       # decode-only steps: the memory-roofline time of the forward pass

@@ -78,7 +78,7 @@ def plan_from_proto(msg: pb.StepPlan) -> StepPlan:
 def result_to_proto(result: StepResult) -> pb.StepResult:
     """Encode a step result for the wire."""
     msg = pb.StepResult(step_id=result.step_id, forward_seconds=result.forward_seconds,
-                        swap_seconds=result.swap_seconds)
+                        swap_seconds=result.swap_seconds, roofline_seconds=result.roofline_seconds)
     for seq in result.sequences:
         item = msg.sequences.add(seq_id=seq.seq_id)
         for sample in seq.samples:
@@ -102,4 +102,5 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
         sequences=tuple(SequenceResult(item.seq_id, tuple(
             Sample(s.token_id, s.logprob, tuple((t.token_id, t.logprob) for t in s.top_logprobs))
             for s in item.samples)) for item in msg.sequences),
-        forward_seconds=msg.forward_seconds, swap_seconds=msg.swap_seconds)
+        forward_seconds=msg.forward_seconds, swap_seconds=msg.swap_seconds,
+        roofline_seconds=msg.roofline_seconds)

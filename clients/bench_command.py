@@ -1,0 +1,170 @@
+"""`pagedserve bench`: serving throughput and latency on a synthetic workload, over the gRPC API.
+
+Without --target it starts a scheduler and executors here first (every `pagedserve serve` flag
+applies; ports default to free ones) and benchmarks them; with --target it benchmarks a running
+server (give --metrics-url to add the server's batch, KV and timing statistics). Requests set
+ignore_eos, so lengths are exact. Several --request-rate values run one after another on the same
+server; --plot draws normalized latency against the rate.
+
+    pagedserve bench --trace sharegpt --num-requests 200                  # offline, embedded model
+    pagedserve bench --request-rate 1,2,4 --plot latency.png --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from clients import bench_report
+from clients.bench_records import summarize
+from clients.client import PagedServeClient
+from clients.loadgen import TRACE_NAMES, LoadRequest, WorkloadSpec, build_load_requests, run_workload
+from clients.serve_command import READY_TIMEOUT_SECONDS, add_stack_arguments, build_configs
+from clients.server_metrics import ServerStats, scrape
+from clients.stack import LocalStack, stack_specs
+from scheduler_svc.config import ENV_PREFIX
+from scheduler_svc.errors import InvalidArgumentError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the benchmark sends requests and reads metrics, and how it authenticates."""
+
+    target: str
+    metrics_url: str | None
+    token: str | None = None
+    root_certificates: bytes | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Workload, output and target flags, then the local stack's flags."""
+    work = parser.add_argument_group("workload")
+    work.add_argument("--trace", choices=TRACE_NAMES, default="sharegpt",
+                      help="sharegpt (161 in / 338 out on average), alpaca (19 / 58) or fixed")
+    work.add_argument("--num-requests", type=int, default=100)
+    work.add_argument("--prompt-len", type=int, default=128, help="with --trace fixed")
+    work.add_argument("--output-len", type=int, default=128, help="with --trace fixed")
+    work.add_argument("--n", type=int, default=1, help="parallel samples per request")
+    work.add_argument("--beam-width", type=int, default=0, help="beam search of this width (0: off)")
+    work.add_argument("--shared-prefix-len", type=int, default=0,
+                      help="tokens every prompt starts with (a shared system prompt)")
+    work.add_argument("--request-rate", default="inf", metavar="R[,R...]",
+                      help="requests/s of Poisson arrivals; inf sends all at once (default); "
+                           "a comma-separated list runs each in turn")
+    work.add_argument("--burstiness", type=float, default=1.0,
+                      help="gamma shape of arrival gaps: 1 is Poisson, lower is burstier")
+    work.add_argument("--trace-seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
+    work.add_argument("--warmup-requests", type=int, default=0,
+                      help="short requests sent before measuring (compilation, allocator warm-up)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--label", default="pagedserve", help="the system's name in tables and plots")
+    out.add_argument("--json", type=Path, help="write the result here")
+    out.add_argument("--plot", type=Path, help="draw normalized latency vs request rate here (PNG)")
+    out.add_argument("--no-progress", dest="progress", action="store_false")
+    remote = parser.add_argument_group("running server")
+    remote.add_argument("--target", default=None, metavar="HOST:PORT",
+                        help="benchmark this server instead of starting one")
+    remote.add_argument("--metrics-url", default=None, help="its Prometheus page, for server statistics")
+    remote.add_argument("--token", default=None, help="its access token (default $PAGEDSERVE_TOKEN)")
+    remote.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS trusting FILE")
+    add_stack_arguments(parser)
+
+
+def parse_rates(text: str) -> list[float]:
+    """`inf` or comma-separated positive request rates."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidArgumentError("request-rate", f"expected numbers or inf, got {text!r}") from None
+    if not rates or any(r <= 0 or math.isnan(r) for r in rates):
+        raise InvalidArgumentError("request-rate", f"rates must be > 0 (inf for offline), got {text!r}")
+    return rates
+
+
+def workload(args: argparse.Namespace, rate: float) -> WorkloadSpec:
+    """The workload flags at one request rate (validated)."""
+    return WorkloadSpec(trace=args.trace, num_requests=args.num_requests, prompt_len=args.prompt_len,
+                        output_len=args.output_len, n=args.n, beam_width=args.beam_width,
+                        shared_prefix_len=args.shared_prefix_len, request_rate=rate,
+                        burstiness=args.burstiness, seed=args.trace_seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark at every rate; print the table; write JSON and the plot."""
+    rates = parse_rates(args.request_rate)
+    specs = [workload(args, rate) for rate in rates]        # validate before starting anything
+    if args.target is not None:
+        return _benchmark(args, specs, _remote_endpoint(args))
+    if args.port is None and ENV_PREFIX + "PORT" not in os.environ:
+        args.port = 0                                       # free ports: never collide with a server
+    if args.metrics_port is None and ENV_PREFIX + "METRICS_PORT" not in os.environ:
+        args.metrics_port = 0
+    scheduler, executors = build_configs(args)
+    stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors)
+    stack.start()
+    try:
+        address = stack.wait_listening("scheduler", timeout=120.0)
+        stack.wait_ready(READY_TIMEOUT_SECONDS)
+        metrics = stack.processes["scheduler"].metrics_address
+        roots = Path(scheduler.tls_cert_file).read_bytes() if scheduler.tls_cert_file else None
+        endpoint = Endpoint(address, f"http://{metrics}/metrics" if metrics else None,
+                            scheduler.auth_token or None, roots)
+        return _benchmark(args, specs, endpoint, config=dataclasses.asdict(scheduler))
+    finally:
+        stack.stop()
+
+
+def _remote_endpoint(args: argparse.Namespace) -> Endpoint:
+    roots = None
+    if args.tls_ca is not None:
+        try:
+            roots = args.tls_ca.read_bytes()
+        except OSError as err:
+            raise InvalidArgumentError("tls-ca", f"cannot read {args.tls_ca}: {err.strerror}") from None
+    return Endpoint(args.target, args.metrics_url, args.token or os.environ.get("PAGEDSERVE_TOKEN"), roots)
+
+
+def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: Endpoint,
+               config: dict[str, Any] | None = None) -> int:
+    with PagedServeClient(endpoint.target, token=endpoint.token,
+                          root_certificates=endpoint.root_certificates) as client:
+        client.wait_until_serving(60.0)
+        info = client.model_info()
+    if args.warmup_requests > 0:
+        warmup = WorkloadSpec(trace="fixed", num_requests=args.warmup_requests, prompt_len=16, output_len=8,
+                              seed=args.trace_seed + 1)
+        _run_once(endpoint, build_load_requests(warmup, info.vocab_size, info.max_model_len), warmup,
+                  "warm-up", args.progress)
+    runs = []
+    for spec in specs:
+        requests = build_load_requests(spec, info.vocab_size, info.max_model_len)
+        before = scrape(endpoint.metrics_url) if endpoint.metrics_url else None
+        records, duration = _run_once(endpoint, requests, spec, f"{args.label} rate {spec.request_rate:g}",
+                                      args.progress)
+        server = ServerStats.between(before, scrape(endpoint.metrics_url)) if before is not None else None
+        runs.append(bench_report.run_entry(spec.request_rate, summarize(records, duration), server))
+        print(bench_report.markdown([{"system": args.label, "runs": runs[-1:]}]), file=sys.stderr)
+    result = {"system": args.label, "workload": dataclasses.asdict(specs[0]) | {"request_rates": [
+        s.request_rate for s in specs]}, "runs": runs, "model": dataclasses.asdict(info),
+              "config": config, "environment": {"python": platform.python_version(),
+                                                "machine": platform.machine()}}
+    print(bench_report.markdown([result]))
+    if args.json is not None:
+        args.json.write_text(bench_report.dumps(result))
+    if args.plot is not None:
+        bench_report.plot_latency_vs_rate([result], args.plot)
+    return 0 if all(run["client"]["failed"] == 0 for run in runs) else 1
+
+
+def _run_once(endpoint: Endpoint, requests: list[LoadRequest], spec: WorkloadSpec, label: str,
+              progress: bool) -> tuple[list, float]:
+    return asyncio.run(run_workload(endpoint.target, requests, seed=spec.seed, token=endpoint.token,
+                                    root_certificates=endpoint.root_certificates, show_progress=progress,
+                                    label=label))

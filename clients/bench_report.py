@@ -1,0 +1,120 @@
+"""Serving benchmark results: the JSON a run writes, its markdown table, and the latency-vs-rate plot.
+
+A result is one system on one workload at one or more request rates:
+
+    {"system": "pagedserve", "workload": {...}, "runs": [{"request_rate": r, "client": {...},
+     "server": {...} | null}, ...], "config": {...}, "environment": {...}}
+
+`client` is a ClientSummary and `server` a ServerStats as dicts (the Hugging Face peers have no server
+stats). Tables and plots take any number of results, so one figure compares several systems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from clients.bench_records import ClientSummary
+from clients.server_metrics import ServerStats
+from clients.tables import markdown_table
+
+Result = Mapping[str, Any]
+
+COLUMNS = ("system", "rate (req/s)", "requests", "req/s", "output tok/s", "total tok/s",
+           "norm. latency (s/tok)", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)",
+           "ITL p50 (ms)", "ITL p99 (ms)",
+           "batched reqs", "KV util", "preemptions", "control plane", "decode roofline")
+
+
+def run_entry(request_rate: float, client: ClientSummary, server: ServerStats | None) -> dict[str, Any]:
+    """One run of a result."""
+    return {"request_rate": request_rate, "client": dataclasses.asdict(client),
+            "server": dataclasses.asdict(server) if server is not None else None}
+
+
+def dumps(result: Any) -> str:
+    """JSON that strict parsers read: NaN becomes null and infinity the string "inf"."""
+    return json.dumps(_strict(result), indent=2) + "\n"
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
+def request_rate(run: Mapping[str, Any]) -> float:
+    """A run's request rate (infinity for offline), as written by `dumps` or not."""
+    return float(run["request_rate"])
+
+
+def _or_dash(value: float | None, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def table_row(system: str, run: Mapping[str, Any]) -> list[object]:
+    """The table cells of one run."""
+    c, s = run["client"], run["server"] or {}
+    rate = request_rate(run)
+    preemptions = (s["preemptions_swap"] + s["preemptions_recompute"]) if s else None
+    return [system, "offline" if math.isinf(rate) else f"{rate:g}", c["completed"],
+            round(c["requests_per_s"], 2), round(c["output_tokens_per_s"], 1),
+            round(c["total_tokens_per_s"], 1),
+            _or_dash(c["normalized_latency_s"], ".4f"),
+            *(_or_dash(c[m][p], ".1f") for m in ("ttft", "tpot", "itl") for p in ("p50_ms", "p99_ms")),
+            _or_dash(s.get("mean_batched_requests"), ".1f"), _or_dash(s.get("mean_kv_utilization"), ".1%"),
+            _or_dash(preemptions, "d"), _or_dash(s.get("control_plane_fraction"), ".1%"),
+            _or_dash(s.get("mean_decode_roofline"), ".2f")]
+
+
+def markdown(results: Sequence[Result]) -> str:
+    """One table row per system and rate."""
+    rows = [table_row(r["system"], run) for r in results for run in r["runs"]]
+    return markdown_table(COLUMNS, rows)
+
+
+def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Results from JSON files; a file may hold one result or a list of them."""
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        results.extend(data if isinstance(data, list) else [data])
+    return results
+
+
+def plot_latency_vs_rate(results: Sequence[Result], path: Path, title: str = "") -> None:
+    """Normalized latency against request rate, one line per system (paper Fig. 12 style).
+
+    Offline runs have no rate and are left out; systems with no online run are skipped.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")               # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for result in results:
+        points = sorted((request_rate(run), run["client"]["normalized_latency_s"])
+                        for run in result["runs"] if not math.isinf(request_rate(run)))
+        if points:
+            rates, latencies = zip(*points, strict=True)
+            ax.plot(rates, latencies, marker="o", label=result["system"])
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("normalized latency (s/token)")
+    ax.set_title(title or "normalized latency vs request rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

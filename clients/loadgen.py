@@ -1,0 +1,201 @@
+"""The load generator: a seeded synthetic workload sent over the real gRPC API, timed per token.
+
+Offline runs send every request at t=0; online runs send each at its arrival time (Poisson, or gamma
+with a burstiness factor, as `vllm bench serve` does). Every request sets ignore_eos and max_tokens to
+its trace length, so every system produces exactly the same tokens. Each request becomes a
+RequestRecord (clients/bench_records.py) timed on the client's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from clients.bench_records import RequestRecord
+from clients.client import AsyncPagedServeClient
+from clients.progress import Progress
+from clients.request_builder import build_generate_request
+from clients.traces import (
+    TRACES,
+    TraceRequest,
+    fixed_trace,
+    shared_prefix_prompt,
+    with_poisson_arrivals,
+    with_sharing,
+)
+from scheduler_svc.errors import InvalidArgumentError
+
+TRACE_NAMES = (*TRACES, "fixed")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """What to send: the trace, its sharing shape, and when requests arrive.
+
+    `request_rate` is requests per second; infinity sends everything at t=0 (offline). `burstiness` is
+    the gamma shape of the gaps (1 is Poisson; lower is burstier). `shared_prefix_len` gives every prompt
+    the same first tokens (a system prompt). Lengths are clipped to the served model's context.
+    """
+
+    trace: str = "sharegpt"
+    num_requests: int = 100
+    prompt_len: int = 128           # with trace "fixed"
+    output_len: int = 128           # with trace "fixed"
+    n: int = 1
+    beam_width: int = 0
+    shared_prefix_len: int = 0
+    request_rate: float = math.inf
+    burstiness: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.trace in TRACE_NAMES, "trace",
+               f"must be one of {', '.join(TRACE_NAMES)}, got {self.trace!r}")
+        _check(self.num_requests >= 1, "num_requests", f"must be at least 1, got {self.num_requests}")
+        _check(self.prompt_len >= 1 and self.output_len >= 1, "prompt_len",
+               "prompt_len and output_len must be at least 1")
+        _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
+        _check(self.beam_width >= 0, "beam_width", f"must be >= 0, got {self.beam_width}")
+        _check(not (self.n > 1 and self.beam_width), "n", "parallel sampling and beam search are exclusive")
+        _check(self.shared_prefix_len >= 0, "shared_prefix_len", "must be >= 0")
+        _check(self.request_rate > 0, "request_rate",
+               f"must be > 0 (inf for offline), got {self.request_rate}")
+        _check(self.burstiness > 0, "burstiness", f"must be > 0, got {self.burstiness}")
+
+    @property
+    def offline(self) -> bool:
+        """Whether every request arrives at t=0."""
+        return math.isinf(self.request_rate)
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs each request returns: n samples or beam_width beams."""
+        return self.beam_width or self.n
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRequest:
+    """One request of a run: its prompt, how many tokens each output gets, and when it arrives."""
+
+    index: int
+    prompt_token_ids: tuple[int, ...]
+    output_len: int
+    n: int = 1
+    beam_width: int = 0
+    arrival_time: float = 0.0
+
+
+def trace_of(spec: WorkloadSpec) -> list[TraceRequest]:
+    """The spec's lengths, sharing and arrival times."""
+    if spec.trace == "fixed":
+        trace = fixed_trace(spec.num_requests, spec.prompt_len, spec.output_len)
+    else:
+        trace = TRACES[spec.trace](spec.num_requests, seed=spec.seed)
+    trace = with_sharing(trace, n=spec.n, beam_width=spec.beam_width)
+    if not spec.offline:
+        trace = with_poisson_arrivals(trace, spec.request_rate, spec.burstiness, seed=spec.seed)
+    return trace
+
+
+def build_load_requests(spec: WorkloadSpec, vocab_size: int, max_model_len: int) -> list[LoadRequest]:
+    """The spec as token-id prompts that fit the model: prompt < max_model_len, prompt + output <= it.
+
+    A shared prefix is added in front of the trace's prompt length (so prompts grow by it).
+    """
+    requests = []
+    for i, r in enumerate(trace_of(spec)):
+        prompt_len = max(1, min(r.prompt_len + spec.shared_prefix_len, max_model_len - 1))
+        output_len = max(1, min(r.output_len, max_model_len - prompt_len))
+        prompt = shared_prefix_prompt(i, prompt_len, spec.shared_prefix_len, vocab_size, spec.seed)
+        requests.append(LoadRequest(i, tuple(prompt), output_len, r.n, r.beam_width, r.arrival_time))
+    return requests
+
+
+def sampling_arguments(request: LoadRequest, seed: int) -> dict[str, object]:
+    """The request's sampling fields: exact lengths; random sampling (greedy for beams), seeded."""
+    args: dict[str, object] = {"max_tokens": request.output_len, "ignore_eos": True,
+                               "seed": seed * 1_000_003 + request.index}
+    if request.beam_width:
+        args.update(beam_width=request.beam_width, temperature=0.0)
+    else:
+        args.update(n=request.n, temperature=1.0)
+    return args
+
+
+class LoadGenerator:
+    """Sends a workload through an AsyncPagedServeClient and records every request's timeline."""
+
+    def __init__(self, client: AsyncPagedServeClient, requests: Sequence[LoadRequest], seed: int = 0,
+                 progress: Progress | None = None) -> None:
+        self.client = client
+        self.requests = list(requests)
+        self.seed = seed
+        self.progress = progress
+        self.records = [RequestRecord(r.index, len(r.prompt_token_ids), r.output_len, r.beam_width or r.n,
+                                      r.arrival_time) for r in self.requests]
+        self._finished = 0
+        self._start = 0.0
+
+    async def run(self) -> tuple[list[RequestRecord], float]:
+        """Send everything at its arrival time; returns the records and the run's duration (s)."""
+        self._start = time.perf_counter()
+        pairs = zip(self.requests, self.records, strict=True)
+        await asyncio.gather(*(self._send(request, record) for request, record in pairs))
+        ends = [r.finished for r in self.records if r.finished is not None]
+        duration = max(ends) if ends else time.perf_counter() - self._start
+        if self.progress is not None:
+            self.progress.close(f"{sum(not r.ok for r in self.records)} failed")
+        return self.records, duration
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._start
+
+    async def _send(self, request: LoadRequest, record: RequestRecord) -> None:
+        delay = request.arrival_time - self._now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = build_generate_request(list(request.prompt_token_ids), f"bench-{request.index}",
+                                         skip_special_tokens=True, **sampling_arguments(request, self.seed))
+        try:
+            async for response in self.client.stream_responses(message):
+                self._record_response(record, response)
+        except Exception as err:        # one failed request must not end the run: record it
+            record.error = str(err) or type(err).__name__
+        if record.finished is None and not record.error:
+            record.error = "the stream ended without its usage message"
+        self._finished += 1
+        if self.progress is not None:
+            self.progress.update(self._finished)
+
+    def _record_response(self, record: RequestRecord, response: object) -> None:
+        now = self._now()
+        for chunk in response.choices:  # type: ignore[attr-defined]
+            if not chunk.token_ids:
+                continue
+            if record.first_token is None:
+                record.first_token = now
+            if chunk.index == 0:
+                record.token_times.extend([now] * len(chunk.token_ids))
+        if response.HasField("usage"):  # type: ignore[attr-defined]
+            usage = response.usage  # type: ignore[attr-defined]
+            record.finished = now
+            record.output_tokens = usage.completion_tokens
+            record.num_preemptions = usage.num_preemptions
+
+
+async def run_workload(target: str, requests: Sequence[LoadRequest], *, seed: int = 0,
+                       token: str | None = None, root_certificates: bytes | None = None,
+                       show_progress: bool = True, label: str = "bench") -> tuple[list[RequestRecord], float]:
+    """Open a client to `target`, run the requests, close it; returns the records and the duration."""
+    progress = Progress(label, len(requests)) if show_progress else None
+    async with AsyncPagedServeClient(target, token=token, root_certificates=root_certificates) as client:
+        await client.wait_until_serving(60.0)
+        return await LoadGenerator(client, requests, seed, progress).run()
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise InvalidArgumentError(name, message)
