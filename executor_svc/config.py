@@ -45,6 +45,8 @@ class ExecutorConfig:
     world_size: int = 1
     max_model_len: int = 0
     max_message_bytes: int = 256 * 2**20
+    cuda_graphs: bool = True        # replay decode steps as CUDA graphs (fp16/bf16 on CUDA with the kernels)
+    cuda_graph_max_batch: int = 256  # decode batches up to this many sequences use graphs; larger run eagerly
     simulated_kv_tokens: int = 65536
     simulated_vocab_size: int = 32000
     simulated_eos_token_id: int = 2
@@ -66,6 +68,8 @@ class ExecutorConfig:
                f"must be auto (the checkpoint's weights) or dummy (random), got {self.load_format!r}")
         _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
         _check(self.max_message_bytes >= 4 * 2**20, "max_message_bytes", "must be at least 4 MiB")
+        _check(1 <= self.cuda_graph_max_batch <= 4096, "cuda_graph_max_batch",
+               f"must be in [1, 4096], got {self.cuda_graph_max_batch}")
         _check(self.simulated_kv_tokens >= 1, "simulated_kv_tokens", "must be at least 1")
         _check(0 <= self.simulated_eos_token_id < self.simulated_vocab_size, "simulated_eos_token_id",
                "must be a token id below simulated_vocab_size")

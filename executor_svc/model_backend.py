@@ -18,6 +18,7 @@ from executor_svc import ops
 from executor_svc.attention import AttentionMetadata, ForwardContext
 from executor_svc.backend import CacheDescription, ModelDescription
 from executor_svc.config import ExecutorConfig
+from executor_svc.cuda_graphs import DecodeGraphs, graphs_supported
 from executor_svc.kv_cache import CacheShape, KVCache
 from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
 from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
@@ -102,10 +103,23 @@ class ModelBackend:
                                "gpu_memory_utilization, or lower max_num_batched_tokens or max_model_len")
         num_cpu_blocks = swap_space_bytes // shape.block_bytes
         roofline = DecodeRoofline.for_model(self.model, shape, bandwidth)
-        self.runner = ModelRunner(self.model, KVCache(shape, num_gpu_blocks, num_cpu_blocks, self.device),
-                                  roofline=roofline)
+        cache = KVCache(shape, num_gpu_blocks, num_cpu_blocks, self.device)
+        self.runner = ModelRunner(self.model, cache, roofline=roofline, graphs=self._capture_graphs(cache))
         elapsed = time.perf_counter() - start
         return CacheDescription(num_gpu_blocks, num_cpu_blocks, shape.block_bytes, elapsed)
+
+    def _capture_graphs(self, cache: KVCache) -> DecodeGraphs | None:
+        """Decode CUDA graphs over the new cache, when enabled and supported; None runs eagerly."""
+        if not self.config.cuda_graphs or not graphs_supported(cache.gpu):
+            return None
+        graphs = DecodeGraphs(self.model, cache.gpu, cache.shape.block_size, self.model.max_model_len,
+                              self.config.cuda_graph_max_batch)
+        try:
+            graphs.capture()
+        except RuntimeError as err:     # serving eagerly is slower, not wrong: keep going, say why
+            log.warning("decode CUDA graphs disabled, capture failed: %s", err)
+            return None
+        return graphs
 
     def _bandwidth(self) -> float:
         """The device's copy bandwidth, measured on first use (before the cache takes the memory)."""

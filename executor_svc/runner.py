@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from executor_svc.attention import AttentionMetadata, ForwardContext
+from executor_svc.cuda_graphs import DecodeGraphs
 from executor_svc.kv_cache import KVCache
 from executor_svc.models.base import CausalLM
 from executor_svc.roofline import DecodeRoofline
@@ -34,9 +35,10 @@ class ModelRunner:
     """Runs plans against one model and its KV cache; calls come from one thread."""
 
     def __init__(self, model: CausalLM, kv_cache: KVCache, sampler: Sampler | None = None,
-                 roofline: DecodeRoofline | None = None) -> None:
+                 roofline: DecodeRoofline | None = None, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.roofline = roofline
+        self.graphs = graphs
         self.kv_cache = kv_cache
         self.sampler = sampler or Sampler()
         self.device = kv_cache.device
@@ -87,8 +89,11 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, works: list[SequenceWork]) -> tuple[SequenceResult, ...]:
         batch = self._prepare(works)
-        context = ForwardContext(self.kv_cache.gpu, batch.meta)
-        hidden = self.model(batch.input_ids, batch.meta.positions, context)      # [T, hidden]
+        if self.graphs is not None and self.graphs.can_run(batch.meta):
+            hidden = self.graphs.run(batch.input_ids, batch.meta)                # [T, hidden]
+        else:
+            context = ForwardContext(self.kv_cache.gpu, batch.meta)
+            hidden = self.model(batch.input_ids, batch.meta.positions, context)  # [T, hidden]
         token_rows, rows = [], []
         for work, last in zip(works, batch.last_token, strict=True):
             state = self.seqs[work.seq_id]
