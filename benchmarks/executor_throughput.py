@@ -49,6 +49,35 @@ def write_config(directory: Path, preset: str) -> Path:
     return directory
 
 
+class StepProfiler:
+    """Records `steps` decode-only steps with torch.profiler and prints where their time went."""
+
+    def __init__(self, steps: int) -> None:
+        self.remaining = steps
+        self.profile: torch.profiler.profile | None = None
+
+    def before_step(self, decode_only: bool) -> None:
+        """Start recording at the first decode-only step (prefill steps are not the steady state)."""
+        if self.profile is None and self.remaining > 0 and decode_only:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profile = torch.profiler.profile(activities=activities)
+            self.profile.__enter__()
+
+    def after_step(self) -> None:
+        """Stop after the last recorded step and print the CPU and GPU tables."""
+        if self.profile is None or self.remaining <= 0:
+            return
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.profile.__exit__(None, None, None)
+            averages = self.profile.key_averages()
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=30))
+            if torch.cuda.is_available():
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=30))
+
+
 def run(args: argparse.Namespace, model_dir: Path) -> dict:
     """Serve the requests; returns the measured figures."""
     executor = ModelBackend(ExecutorConfig(model=str(model_dir), device=args.device, dtype=args.dtype,
@@ -63,16 +92,22 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         scheduler.add_request(f"r{i}", prompt, SamplingParams(max_tokens=args.output_len, ignore_eos=True,
                                                               temperature=0.0))
     progress = Progress("generate", args.num_requests)
-    batch_sizes, step_seconds, generated = [], [], 0
+    batch_sizes, step_seconds, generated, rooflines = [], [], 0, []
+    profiler = StepProfiler(args.profile_steps)
     start = time.perf_counter()
     while scheduler.has_unfinished:
         plan = scheduler.schedule()
         if plan.is_empty:
             break
+        decode_only = all(len(w.token_ids) == 1 for w in plan.sequences)
+        profiler.before_step(decode_only)
         t0 = time.perf_counter()
         result = executor.execute(plan)
         step_seconds.append(time.perf_counter() - t0)
+        profiler.after_step()
         batch_sizes.append(len(plan.sequences))
+        if result.roofline_seconds > 0:
+            rooflines.append(result.roofline_seconds / result.forward_seconds)
         for out in scheduler.process_result(result):
             generated += sum(len(c.token_ids) for c in out.outputs)
         progress.update(scheduler.num_finished)
@@ -80,7 +115,9 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
     progress.close()
     return {"output_tokens": generated, "wall_seconds": wall, "output_tokens_per_second": generated / wall,
             "steps": len(step_seconds), "mean_batch": statistics.fmean(batch_sizes),
-            "median_step_ms": statistics.median(step_seconds) * 1e3, "num_gpu_blocks": cache.num_gpu_blocks,
+            "median_step_ms": statistics.median(step_seconds) * 1e3,
+            "mean_decode_roofline": statistics.fmean(rooflines) if rooflines else None,
+            "num_gpu_blocks": cache.num_gpu_blocks,
             "device": str(executor.device), "dtype": str(executor.dtype).removeprefix("torch."),
             "device_name": (torch.cuda.get_device_name(executor.device) if executor.device.type == "cuda"
                             else platform.processor() or platform.machine())}
@@ -101,6 +138,8 @@ def main() -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--cpu-kv-cache-bytes", type=int, default=2**30)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="profile this many decode-only steps with torch.profiler and print the tables")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.threads:

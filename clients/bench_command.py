@@ -133,34 +133,41 @@ def _remote_endpoint(args: argparse.Namespace) -> Endpoint:
 
 def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: Endpoint,
                config: dict[str, Any] | None = None) -> int:
-    with PagedServeClient(endpoint.target, token=endpoint.token,
-                          root_certificates=endpoint.root_certificates) as client:
-        client.wait_until_serving(60.0)
-        info = client.model_info()
-    if args.warmup_requests > 0:
-        warmup = WorkloadSpec(trace="fixed", num_requests=args.warmup_requests, prompt_len=16, output_len=8,
-                              seed=args.trace_seed + 1)
-        _run_once(endpoint, build_load_requests(warmup, info.vocab_size, info.max_model_len), warmup,
-                  "warm-up", args.progress)
-    runs = []
-    for spec in specs:
-        requests = build_load_requests(spec, info.vocab_size, info.max_model_len)
-        before = scrape(endpoint.metrics_url) if endpoint.metrics_url else None
-        records, duration = _run_once(endpoint, requests, spec, f"{args.label} rate {spec.request_rate:g}",
-                                      args.progress)
-        server = ServerStats.between(before, scrape(endpoint.metrics_url)) if before is not None else None
-        runs.append(bench_report.run_entry(spec.request_rate, summarize(records, duration), server))
-        print(bench_report.markdown([{"system": args.label, "runs": runs[-1:]}]), file=sys.stderr)
-    result = {"system": args.label, "workload": dataclasses.asdict(specs[0]) | {"request_rates": [
-        s.request_rate for s in specs]}, "runs": runs, "model": dataclasses.asdict(info),
-              "config": config, "environment": {"python": platform.python_version(),
-                                                "machine": platform.machine()}}
+    result = benchmark(endpoint, specs, args.label, warmup_requests=args.warmup_requests,
+                       progress=args.progress, config=config)
     print(bench_report.markdown([result]))
     if args.json is not None:
         args.json.write_text(bench_report.dumps(result))
     if args.plot is not None:
         bench_report.plot_latency_vs_rate([result], args.plot)
-    return 0 if all(run["client"]["failed"] == 0 for run in runs) else 1
+    return 0 if all(run["client"]["failed"] == 0 for run in result["runs"]) else 1
+
+
+def benchmark(endpoint: Endpoint, specs: list[WorkloadSpec], label: str, *, warmup_requests: int = 0,
+              progress: bool = True, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run each workload in turn against a serving endpoint; returns the result (bench_report's format)."""
+    with PagedServeClient(endpoint.target, token=endpoint.token,
+                          root_certificates=endpoint.root_certificates) as client:
+        client.wait_until_serving(60.0)
+        info = client.model_info()
+    if warmup_requests > 0:
+        warmup = WorkloadSpec(trace="fixed", num_requests=warmup_requests, prompt_len=16, output_len=8,
+                              seed=specs[0].seed + 1)
+        _run_once(endpoint, build_load_requests(warmup, info.vocab_size, info.max_model_len), warmup,
+                  "warm-up", progress)
+    runs = []
+    for spec in specs:
+        requests = build_load_requests(spec, info.vocab_size, info.max_model_len)
+        before = scrape(endpoint.metrics_url) if endpoint.metrics_url else None
+        records, duration = _run_once(endpoint, requests, spec, f"{label} rate {spec.request_rate:g}",
+                                      progress)
+        server = ServerStats.between(before, scrape(endpoint.metrics_url)) if before is not None else None
+        runs.append(bench_report.run_entry(spec.request_rate, summarize(records, duration), server))
+        print(bench_report.markdown([{"system": label, "runs": runs[-1:]}]), file=sys.stderr)
+    workload_fields = dataclasses.asdict(specs[0]) | {"request_rates": [s.request_rate for s in specs]}
+    return {"system": label, "workload": workload_fields, "runs": runs, "model": dataclasses.asdict(info),
+            "config": config, "environment": {"python": platform.python_version(),
+                                              "machine": platform.machine()}}
 
 
 def _run_once(endpoint: Endpoint, requests: list[LoadRequest], spec: WorkloadSpec, label: str,

@@ -27,8 +27,8 @@ Result = Mapping[str, Any]
 
 COLUMNS = ("system", "rate (req/s)", "requests", "req/s", "output tok/s", "total tok/s",
            "norm. latency (s/tok)", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)",
-           "ITL p50 (ms)", "ITL p99 (ms)",
-           "batched reqs", "KV util", "preemptions", "control plane", "decode roofline")
+           "ITL p50 (ms)", "ITL p99 (ms)", "batched reqs", "KV util",
+           "KV saved by sharing", "preemptions", "control plane", "decode roofline")
 
 
 def run_entry(request_rate: float, client: ClientSummary, server: ServerStats | None) -> dict[str, Any]:
@@ -74,6 +74,7 @@ def table_row(system: str, run: Mapping[str, Any]) -> list[object]:
             _or_dash(c["normalized_latency_s"], ".4f"),
             *(_or_dash(c[m][p], ".1f") for m in ("ttft", "tpot", "itl") for p in ("p50_ms", "p99_ms")),
             _or_dash(s.get("mean_batched_requests"), ".1f"), _or_dash(s.get("mean_kv_utilization"), ".1%"),
+            _or_dash(s.get("mean_kv_sharing_saved"), ".1%"),
             _or_dash(preemptions, "d"), _or_dash(s.get("control_plane_fraction"), ".1%"),
             _or_dash(s.get("mean_decode_roofline"), ".2f")]
 
@@ -93,6 +94,12 @@ def load_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return results
 
 
+def _latency(run: Mapping[str, Any]) -> float:
+    """A run's normalized latency; NaN for a run that finished nothing (null in its JSON)."""
+    value = run["client"]["normalized_latency_s"]
+    return math.nan if value is None else value
+
+
 def plot_latency_vs_rate(results: Sequence[Result], path: Path, title: str = "") -> None:
     """Normalized latency against request rate, one line per system (paper Fig. 12 style).
 
@@ -105,8 +112,8 @@ def plot_latency_vs_rate(results: Sequence[Result], path: Path, title: str = "")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for result in results:
-        points = sorted((request_rate(run), run["client"]["normalized_latency_s"])
-                        for run in result["runs"] if not math.isinf(request_rate(run)))
+        points = sorted(((request_rate(run), _latency(run)) for run in result["runs"]
+                         if not math.isinf(request_rate(run))), key=lambda point: point[0])
         if points:
             rates, latencies = zip(*points, strict=True)
             ax.plot(rates, latencies, marker="o", label=result["system"])

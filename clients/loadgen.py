@@ -55,8 +55,8 @@ class WorkloadSpec:
         _check(self.trace in TRACE_NAMES, "trace",
                f"must be one of {', '.join(TRACE_NAMES)}, got {self.trace!r}")
         _check(self.num_requests >= 1, "num_requests", f"must be at least 1, got {self.num_requests}")
-        _check(self.prompt_len >= 1 and self.output_len >= 1, "prompt_len",
-               "prompt_len and output_len must be at least 1")
+        _check(self.prompt_len >= 1, "prompt_len", f"must be at least 1, got {self.prompt_len}")
+        _check(self.output_len >= 1, "output_len", f"must be at least 1, got {self.output_len}")
         _check(self.n >= 1, "n", f"must be at least 1, got {self.n}")
         _check(self.beam_width >= 0, "beam_width", f"must be >= 0, got {self.beam_width}")
         _check(not (self.n > 1 and self.beam_width), "n", "parallel sampling and beam search are exclusive")
@@ -119,7 +119,7 @@ def sampling_arguments(request: LoadRequest, seed: int) -> dict[str, object]:
     args: dict[str, object] = {"max_tokens": request.output_len, "ignore_eos": True,
                                "seed": seed * 1_000_003 + request.index}
     if request.beam_width:
-        args.update(beam_width=request.beam_width, temperature=0.0)
+        args.update(beam_width=request.beam_width, n=request.beam_width, temperature=0.0)   # every beam
     else:
         args.update(n=request.n, temperature=1.0)
     return args

@@ -43,6 +43,7 @@ class ServerStats:
     iterations: int
     mean_batched_requests: float
     mean_kv_utilization: float
+    mean_kv_sharing_saved: float        # fraction of GPU blocks copy-on-write sharing saved
     preemptions_swap: int
     preemptions_recompute: int
     control_plane_fraction: float       # control-plane seconds / iteration seconds
@@ -69,6 +70,7 @@ class ServerStats:
             iterations=int(iterations),
             mean_batched_requests=mean("pagedserve_step_batched_requests"),
             mean_kv_utilization=mean("pagedserve_step_kv_utilization_ratio"),
+            mean_kv_sharing_saved=mean("pagedserve_step_kv_sharing_saved_ratio"),
             preemptions_swap=int(delta('pagedserve_preemptions_total{mode="swap"}')),
             preemptions_recompute=int(delta('pagedserve_preemptions_total{mode="recompute"}')),
             control_plane_fraction=control / step_seconds if step_seconds else math.nan,

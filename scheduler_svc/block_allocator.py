@@ -15,7 +15,8 @@ class BlockAllocator:
     token slots of block b that hold a token, so KV utilization is O(1) to report.
     """
 
-    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "num_blocks", "ref_counts")
+    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "num_blocks", "ref_counts",
+                 "total_refs")
 
     def __init__(self, device: str, num_blocks: int, block_size: int) -> None:
         if num_blocks < 0:
@@ -28,6 +29,7 @@ class BlockAllocator:
         self.ref_counts: list[int] = [0] * num_blocks
         self.fill: list[int] = [0] * num_blocks
         self.filled_slots = 0
+        self.total_refs = 0     # block-table entries pointing into the pool: the blocks used without sharing
 
     @property
     def num_free(self) -> int:
@@ -45,18 +47,21 @@ class BlockAllocator:
             raise OutOfBlocksError(f"no free {self.device} block (all {self.num_blocks} in use)")
         block = self.free_ids.pop()
         self.ref_counts[block] = 1
+        self.total_refs += 1
         return block
 
     def incref(self, block: int) -> None:
         """Add a reference to a block already in use (sharing)."""
         assert self.ref_counts[block] > 0, f"{self.device} block {block} is free"
         self.ref_counts[block] += 1
+        self.total_refs += 1
 
     def decref(self, block: int) -> None:
         """Drop a reference; the block returns to the pool when the last one goes."""
         count = self.ref_counts[block] - 1
         assert count >= 0, f"{self.device} block {block} freed twice"
         self.ref_counts[block] = count
+        self.total_refs -= 1
         if count == 0:
             self.filled_slots -= self.fill[block]
             self.fill[block] = 0
@@ -92,3 +97,4 @@ class BlockAllocator:
             assert 0 <= self.fill[block] <= self.block_size, f"{self.device} block {block}: bad fill"
             assert count > 0 or self.fill[block] == 0, f"{self.device} free block {block} has fill"
         assert self.filled_slots == sum(self.fill), f"{self.device}: filled-slot total drifted"
+        assert self.total_refs == sum(self.ref_counts), f"{self.device}: reference total drifted"

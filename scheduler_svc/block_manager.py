@@ -255,6 +255,11 @@ class BlockManager:
 
     # ---- accounting ------------------------------------------------------------------------------
 
+    def gpu_sharing_saved(self) -> float:
+        """Fraction of GPU blocks sharing saves: 1 - blocks in use / block-table entries (0 when none)."""
+        refs = self.gpu.total_refs
+        return 1.0 - self.gpu.num_used / refs if refs else 0.0
+
     def gpu_utilization(self) -> float:
         """Token slots holding tokens / token slots in allocated GPU blocks (1.0 when none used)."""
         used = self.gpu.num_used

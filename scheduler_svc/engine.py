@@ -280,8 +280,7 @@ class Engine:
         generated = sum(w.num_samples for w in plan.sequences)
         iteration_seconds = time.perf_counter() - started
         self.metrics.record_step(iteration_seconds, schedule_seconds, step_seconds, prompt_tokens, generated)
-        self.metrics.record_iteration(batch.num_running, batch.kv_utilization,
-                                      iteration_seconds - result.forward_seconds - result.swap_seconds,
+        self.metrics.record_iteration(batch, iteration_seconds - result.forward_seconds - result.swap_seconds,
                                       _roofline_ratio(result))
         self._record_stats()
         self._throughput.add(prompt_tokens, generated, iteration_seconds, self.scheduler)

@@ -69,6 +69,7 @@ class SchedulerMetrics:
     Per-iteration histograms (their _sum / _count is the mean over iterations, as benchmarks report):
       pagedserve_step_batched_requests        requests running in the iteration's batch
       pagedserve_step_kv_utilization_ratio    KV utilization during the iteration
+      pagedserve_step_kv_sharing_saved_ratio  1 - GPU blocks used / block-table entries (saved by sharing)
       pagedserve_decode_roofline_ratio        decode-only iterations: memory-roofline time / forward time
 
     The three step-phase durations are separate histograms rather than one with a `phase` label: the
@@ -134,6 +135,9 @@ class SchedulerMetrics:
                                              "KV utilization (token slots holding tokens / token slots "
                                              "allocated) during an iteration.", buckets=RATIO_BUCKETS,
                                              registry=r)
+        self.step_kv_sharing_saved = Histogram("pagedserve_step_kv_sharing_saved_ratio",
+                                               "Fraction of GPU KV blocks that copy-on-write sharing saves "
+                                               "during an iteration.", buckets=RATIO_BUCKETS, registry=r)
         self.decode_roofline = Histogram("pagedserve_decode_roofline_ratio",
                                          "Decode-only iterations: memory-roofline time over forward time.",
                                          buckets=RATIO_BUCKETS, registry=r)
@@ -193,11 +197,13 @@ class SchedulerMetrics:
         self.prompt_tokens.inc(num_prompt_tokens)
         self.generation_tokens.inc(num_generation_tokens)
 
-    def record_iteration(self, batched_requests: int, kv_utilization: float, control_plane_seconds: float,
+    def record_iteration(self, stats: SchedulerStats, control_plane_seconds: float,
                          roofline_ratio: float | None) -> None:
-        """One iteration's batch, KV utilization, control-plane time and (decode-only) roofline ratio."""
-        self.batched_requests.observe(batched_requests)
-        self.step_kv_utilization.observe(kv_utilization)
+        """One iteration: its batch and KV state (`stats` as scheduled), control-plane time and, for a
+        decode-only iteration, its roofline ratio."""
+        self.batched_requests.observe(stats.num_running)
+        self.step_kv_utilization.observe(stats.kv_utilization)
+        self.step_kv_sharing_saved.observe(stats.kv_sharing_saved)
         self.control_plane.observe(max(control_plane_seconds, 0.0))
         if roofline_ratio is not None:
             self.decode_roofline.observe(roofline_ratio)

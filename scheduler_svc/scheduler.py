@@ -606,7 +606,8 @@ class Scheduler:
             cpu_blocks_used=bm.cpu.num_used, cpu_blocks_total=bm.cpu.num_blocks,
             num_preemptions_swap=self.num_preemptions[PreemptionPolicy.SWAP],
             num_preemptions_recompute=self.num_preemptions[PreemptionPolicy.RECOMPUTE],
-            kv_utilization=bm.gpu_utilization(), num_finished=self.num_finished)
+            kv_utilization=bm.gpu_utilization(), num_finished=self.num_finished,
+            kv_sharing_saved=bm.gpu_sharing_saved())
 
     def check_integrity(self) -> None:
         """Assert every invariant: exact block accounting, one state per group, queues consistent."""

@@ -25,6 +25,7 @@ class SchedulerStats:
     num_preemptions_recompute: int
     kv_utilization: float
     num_finished: int
+    kv_sharing_saved: float = 0.0       # 1 - GPU blocks used / block-table entries (copy-on-write sharing)
 
     @property
     def gpu_usage(self) -> float:

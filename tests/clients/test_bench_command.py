@@ -1,0 +1,182 @@
+"""`pagedserve bench`: request-rate parsing, flag validation, and CPU smoke runs on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clients import bench_command
+from clients.bench_command import parse_rates
+from clients.cli import main as pagedserve
+from clients.loadgen import WorkloadSpec, build_load_requests
+from scheduler_svc.default_model import default_model_dir
+from scheduler_svc.errors import InvalidArgumentError
+from tests.e2e.e2e_stack import RunningStack, require_model
+
+# A small KV pool and a short profiling step: each stack starts in a few seconds on CPU.
+SMALL_STACK = ["--max-num-batched-tokens", "1024", "--swap-space-bytes", str(16 * 2**20),
+               "--cpu-kv-cache-bytes", str(32 * 2**20)]
+
+
+# ---- parse_rates and validation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("inf", [math.inf]), ("1,2.5", [1.0, 2.5]), ("4, 8,", [4.0, 8.0]), ("20,inf", [20.0, math.inf]),
+])
+def test_parse_rates_reads_comma_separated_rates(text, expected):
+    assert parse_rates(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ",", "0", "-1", "2,0", "nan", "-inf", "fast", "1,x"])
+def test_parse_rates_rejects_bad_rates_naming_request_rate(text):
+    with pytest.raises(InvalidArgumentError) as caught:
+        parse_rates(text)
+    assert caught.value.field == "request-rate"
+
+
+@pytest.fixture
+def no_stack(monkeypatch):
+    """Fail the test if the command tries to start a local stack."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stack was started for flags that are invalid")
+    monkeypatch.setattr(bench_command, "LocalStack", refuse)
+
+
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--request-rate", "0"], "request-rate"),
+    (["--request-rate", "2,abc"], "request-rate"),
+    (["--num-requests", "0"], "num_requests"),
+    (["--n", "2", "--beam-width", "2"], "n"),
+    (["--burstiness", "0"], "burstiness"),
+    (["--request-rate", "1,2", "--shared-prefix-len", "-1"], "shared_prefix_len"),
+])
+def test_invalid_workload_flags_exit_2_before_starting_anything(flags, field, no_stack, capsys):
+    assert pagedserve(["bench", "--no-progress", *flags]) == 2
+    assert f"pagedserve bench: invalid {field}: " in capsys.readouterr().err
+
+
+# ---- smoke runs on the embedded model ------------------------------------------------------------------
+
+def read_result(path: Path) -> dict:
+    result = json.loads(path.read_text())
+    assert result["system"] and result["runs"]
+    return result
+
+
+def expected_requests(result: dict, **spec: object):
+    """The requests the run sent, rebuilt from its workload and the served model's shape."""
+    model = result["model"]
+    return build_load_requests(WorkloadSpec(**spec), model["vocab_size"], model["max_model_len"])
+
+
+def test_offline_alpaca_smoke_run_writes_exact_client_and_sane_server_stats(tmp_path, capsys):
+    require_model()
+    path = tmp_path / "result.json"
+    code = pagedserve(["bench", "--trace", "alpaca", "--num-requests", "6", "--json", str(path),
+                       "--no-progress", *SMALL_STACK])
+    assert code == 0
+    result = read_result(path)
+    assert result["model"]["model_name"] == Path(default_model_dir()).name
+    assert result["workload"]["request_rates"] == ["inf"]
+    (run,) = result["runs"]
+    assert run["request_rate"] == "inf"
+    requests = expected_requests(result, trace="alpaca", num_requests=6)
+    c = run["client"]
+    assert (c["completed"], c["failed"]) == (6, 0)
+    assert c["output_tokens"] == sum(r.output_len for r in requests)
+    assert c["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in requests)
+    assert c["output_tokens_per_s"] == pytest.approx(c["output_tokens"] / c["duration_s"])
+    s = run["server"]
+    # Every iteration gives each running sequence at most one token.
+    assert s["iterations"] >= max(r.output_len for r in requests)
+    assert 0 <= s["decode_steps"] <= s["iterations"]
+    assert 1 <= s["mean_batched_requests"] <= 6
+    assert 0 < s["mean_kv_utilization"] <= 1
+    assert 0 <= s["control_plane_fraction"] <= 1
+    assert (s["preemptions_swap"], s["preemptions_recompute"]) == (0, 0)
+    assert (s["block_size"], s["gpu_kv_blocks"]) == (16, result["model"]["num_gpu_blocks"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| system") and table[-1].startswith("| pagedserve | offline")
+
+
+def test_online_run_at_two_rates_honours_arrivals_and_plots(tmp_path):
+    require_model()
+    path, plot = tmp_path / "online.json", tmp_path / "latency.png"
+    code = pagedserve(["bench", "--trace", "alpaca", "--num-requests", "6", "--request-rate", "20,40",
+                       "--label", "mine", "--json", str(path), "--plot", str(plot), "--no-progress",
+                       *SMALL_STACK])
+    assert code == 0
+    result = read_result(path)
+    assert result["system"] == "mine"
+    assert [run["request_rate"] for run in result["runs"]] == [20.0, 40.0]
+    for run in result["runs"]:
+        requests = expected_requests(result, trace="alpaca", num_requests=6, request_rate=run["request_rate"])
+        c = run["client"]
+        assert (c["completed"], c["failed"]) == (6, 0)
+        assert c["output_tokens"] == sum(r.output_len for r in requests)
+        assert c["duration_s"] > requests[-1].arrival_time > 0      # the last request was sent on time
+        assert run["server"]["iterations"] > 0
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[RunningStack]:
+    """A running server for the --target runs of this module."""
+    require_model()
+    running = RunningStack(*SMALL_STACK)
+    yield running
+    running.stop()
+
+
+def metrics_url(stack: RunningStack) -> str:
+    return f"http://{stack.stack.processes['scheduler'].metrics_address}/metrics"
+
+
+def test_parallel_sampling_against_a_running_server_counts_every_output(stack, tmp_path):
+    path = tmp_path / "n2.json"
+    code = pagedserve(["bench", "--target", stack.target, "--metrics-url", metrics_url(stack), "--trace",
+                       "fixed", "--num-requests", "3", "--prompt-len", "6", "--output-len", "5", "--n", "2",
+                       "--json", str(path), "--no-progress"])
+    assert code == 0
+    result = read_result(path)
+    (run,) = result["runs"]
+    assert (run["client"]["completed"], run["client"]["output_tokens"]) == (3, 3 * 5 * 2)
+    assert run["client"]["prompt_tokens"] == 3 * 6
+    assert run["server"]["iterations"] >= 5 and 1 <= run["server"]["mean_batched_requests"] <= 3
+    assert result["config"] is None
+
+
+def test_a_running_server_without_metrics_url_has_client_stats_only(stack, tmp_path):
+    path = tmp_path / "plain.json"
+    code = pagedserve(["bench", "--target", stack.target, "--trace", "fixed", "--num-requests", "1",
+                       "--prompt-len", "4", "--output-len", "3", "--json", str(path), "--no-progress"])
+    assert code == 0
+    (run,) = read_result(path)["runs"]
+    assert (run["client"]["completed"], run["client"]["output_tokens"], run["server"]) == (1, 3, None)
+
+
+def test_beam_search_against_a_running_server_counts_every_beam(stack, tmp_path):
+    path = tmp_path / "beam.json"
+    code = pagedserve(["bench", "--target", stack.target, "--metrics-url", metrics_url(stack),
+                       "--trace", "fixed", "--num-requests", "3", "--prompt-len", "6", "--output-len", "5",
+                       "--beam-width", "2", "--json", str(path), "--no-progress"])
+    assert code == 0
+    (run,) = read_result(path)["runs"]
+    assert run["server"]["iterations"] >= 5
+    assert (run["client"]["completed"], run["client"]["output_tokens"]) == (3, 3 * 5 * 2)
+
+
+def test_warm_up_requests_are_left_out_of_the_measured_run(stack, tmp_path):
+    """Warm-up runs before the first scrape: one request of 3 tokens takes exactly 3 iterations."""
+    path = tmp_path / "warm.json"
+    code = pagedserve(["bench", "--target", stack.target, "--metrics-url", metrics_url(stack),
+                       "--warmup-requests", "2", "--trace", "fixed", "--num-requests", "1",
+                       "--prompt-len", "4", "--output-len", "3", "--json", str(path), "--no-progress"])
+    assert code == 0
+    (run,) = read_result(path)["runs"]
+    assert (run["client"]["completed"], run["client"]["output_tokens"]) == (1, 3)
+    assert (run["server"]["iterations"], run["server"]["mean_batched_requests"]) == (3, 1.0)
