@@ -5,7 +5,10 @@
 #   bash benchmarks/device/serving_suite.sh --phases main,peers
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-python3 benchmarks/device/serving_suite.py --out "$OUT" "$@" 2>&1 | tail -c 2000000 > "$OUT/serving_suite.log"
+# Services of an earlier run cut off by a time limit outlive it (they run in sessions of their own) and
+# would hold the GPU's memory: stop them first.
+pkill -f "python3? -m (executor_svc|scheduler_svc)" && sleep 3
+python3 benchmarks/device/serving_suite.py --out "$OUT" "$@" > "$OUT/serving_suite.log" 2>&1
 status=${PIPESTATUS[0]}
 grep -v '^\[executor\|^\[scheduler' "$OUT/serving_suite.log" | tail -n 60
 exit "$status"
