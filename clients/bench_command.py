@@ -25,6 +25,7 @@ from typing import Any
 from clients import bench_report
 from clients.bench_records import summarize
 from clients.client import PagedServeClient
+from clients.connection_args import TOKEN_ENV, read_root_certificates
 from clients.loadgen import TRACE_NAMES, LoadRequest, WorkloadSpec, build_load_requests, run_workload
 from clients.serve_command import READY_TIMEOUT_SECONDS, add_stack_arguments, build_configs
 from clients.server_metrics import ServerStats, scrape
@@ -122,13 +123,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _remote_endpoint(args: argparse.Namespace) -> Endpoint:
-    roots = None
-    if args.tls_ca is not None:
-        try:
-            roots = args.tls_ca.read_bytes()
-        except OSError as err:
-            raise InvalidArgumentError("tls-ca", f"cannot read {args.tls_ca}: {err.strerror}") from None
-    return Endpoint(args.target, args.metrics_url, args.token or os.environ.get("PAGEDSERVE_TOKEN"), roots)
+    token = args.token or os.environ.get(TOKEN_ENV)
+    return Endpoint(args.target, args.metrics_url, token, read_root_certificates(args.tls_ca))
 
 
 def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: Endpoint,

@@ -26,14 +26,19 @@ def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float | N
                        help=f"deadline of each call in seconds (default {no_deadline})")
 
 
+def read_root_certificates(path: Path | None) -> bytes | None:
+    """The PEM file given by --tls-ca, or None without one; an unreadable file is an error naming it."""
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidArgumentError("tls-ca", f"cannot read {path}: {err.strerror}") from None
+
+
 def client_from_args(args: argparse.Namespace) -> PagedServeClient:
     """A blocking client configured by the connection flags."""
-    root_certificates = None
-    if args.tls_ca is not None:
-        try:
-            root_certificates = args.tls_ca.read_bytes()
-        except OSError as err:
-            raise InvalidArgumentError("tls-ca", f"cannot read {args.tls_ca}: {err.strerror}") from None
+    root_certificates = read_root_certificates(args.tls_ca)
     # The token is read from the environment here, not as the flag's default, so --help never shows it.
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return PagedServeClient(args.target, token=token, root_certificates=root_certificates, tls=args.tls,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from small_stack import SMALL_STACK, running_small_stack
 
 from clients import bench_command
 from clients.bench_command import parse_rates
@@ -18,8 +18,6 @@ from scheduler_svc.errors import InvalidArgumentError
 from tests.e2e.e2e_stack import RunningStack, require_model
 
 # A small KV pool and a short profiling step: each stack starts in a few seconds on CPU.
-SMALL_STACK = ["--max-num-batched-tokens", "1024", "--swap-space-bytes", str(16 * 2**20),
-               "--cpu-kv-cache-bytes", str(32 * 2**20)]
 
 
 # ---- parse_rates and validation ------------------------------------------------------------------------
@@ -123,13 +121,7 @@ def test_online_run_at_two_rates_honours_arrivals_and_plots(tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[RunningStack]:
-    """A running server for the --target runs of this module."""
-    require_model()
-    running = RunningStack(*SMALL_STACK)
-    yield running
-    running.stop()
+stack = pytest.fixture(scope="module", name="stack")(running_small_stack)
 
 
 def metrics_url(stack: RunningStack) -> str:

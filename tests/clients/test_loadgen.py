@@ -7,9 +7,9 @@ import io
 import itertools
 import math
 import statistics
-from collections.abc import Iterator
 
 import pytest
+from small_stack import running_small_stack
 
 from clients.bench_records import summarize
 from clients.client import AsyncPagedServeClient
@@ -26,14 +26,8 @@ from clients.progress import Progress
 from clients.request_builder import build_generate_request
 from clients.traces import alpaca_like, sharegpt_like, with_poisson_arrivals
 from scheduler_svc.errors import InvalidArgumentError
-from tests.e2e.e2e_stack import RunningStack, require_model
 
 VOCAB = 4096
-# A small KV pool and a short profiling step: the stack starts in a few seconds on CPU.
-SMALL_STACK = ("--max-num-batched-tokens", "1024", "--swap-space-bytes", str(16 * 2**20),
-               "--cpu-kv-cache-bytes", str(32 * 2**20))
-
-# The server returns n (default 1) of a beam search's hypotheses; the load generator never sets n.
 
 
 # ---- WorkloadSpec --------------------------------------------------------------------------------------
@@ -215,13 +209,7 @@ def test_sampling_arguments_make_a_valid_generate_request():
 
 # ---- LoadGenerator on a real stack ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[RunningStack]:
-    """One small stack on the embedded model for this module's runs."""
-    require_model()
-    running = RunningStack(*SMALL_STACK)
-    yield running
-    running.stop()
+stack = pytest.fixture(scope="module", name="stack")(running_small_stack)
 
 
 @pytest.fixture(scope="module")
