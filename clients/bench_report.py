@@ -22,6 +22,7 @@ from typing import Any
 from clients.bench_records import ClientSummary
 from clients.server_metrics import ServerStats
 from clients.tables import markdown_table
+from scheduler_svc.errors import InvalidArgumentError
 
 Result = Mapping[str, Any]
 
@@ -105,8 +106,10 @@ def plot_latency_vs_rate(results: Sequence[Result], path: Path, title: str = "")
 
     Offline runs have no rate and are left out; systems with no online run are skipped.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise InvalidArgumentError("plot", "plots need matplotlib: pip install 'pagedserve[bench]'") from None
     matplotlib.use("Agg")               # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
