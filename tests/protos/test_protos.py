@@ -224,6 +224,7 @@ def full_step_result() -> executor_pb2.StepResult:
         sequences=[executor_pb2.SequenceResult(seq_id=9, samples=[sample, sample])],
         forward_seconds=0.0125,
         swap_seconds=0.5,
+        roofline_seconds=0.0075,
         error="block id 4096 out of range [0, 4096)",
     )
 
