@@ -41,8 +41,13 @@ class ExecutorConfig:
     load_format: str = "auto"
     seed: int = 0
     cpu_kv_cache_bytes: int = 2**30
-    rank: int = 0
-    world_size: int = 1
+    rank: int = 0                   # this executor's place in its tensor-parallel group
+    world_size: int = 1             # tensor-parallel ranks; the model's heads and MLP are split over them
+    # host:port where rank 0 hosts the group's rendezvous (a torch.distributed TCPStore); every rank of
+    # the group gives the same address, reachable from all their hosts. Unused when world_size is 1.
+    distributed_init_address: str = "127.0.0.1:29500"
+    distributed_backend: str = "auto"   # auto: nccl on CUDA, gloo on the CPU
+    distributed_timeout_seconds: float = 600.0
     max_model_len: int = 0
     max_message_bytes: int = 256 * 2**20
     cuda_graphs: bool = True        # replay decode steps as CUDA graphs (fp16/bf16 on CUDA with the kernels)
@@ -56,6 +61,12 @@ class ExecutorConfig:
         _check(-1 <= self.metrics_port < 65536, "metrics_port",
                f"must be in [0, 65535], or -1 for no metrics server, got {self.metrics_port}")
         _check(0 <= self.rank < self.world_size, "rank", f"must be in [0, world_size={self.world_size})")
+        host, _, port = self.distributed_init_address.rpartition(":")
+        _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed_init_address",
+               f"must be host:port, got {self.distributed_init_address!r}")
+        _check(self.distributed_backend in ("auto", "nccl", "gloo"), "distributed_backend",
+               f"must be auto, nccl or gloo, got {self.distributed_backend!r}")
+        _check(self.distributed_timeout_seconds > 0, "distributed_timeout_seconds", "must be > 0")
         _check(self.max_model_len == 0 or self.max_model_len >= 2, "max_model_len",
                "must be at least 2 (0 takes the model's own limit)")
         if self.backend is Backend.MODEL and not self.model:

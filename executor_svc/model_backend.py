@@ -19,6 +19,7 @@ from executor_svc.attention import AttentionMetadata, ForwardContext
 from executor_svc.backend import CacheDescription, ModelDescription
 from executor_svc.config import ExecutorConfig
 from executor_svc.cuda_graphs import DecodeGraphs, graphs_supported
+from executor_svc.distributed import join_group
 from executor_svc.kv_cache import CacheShape, KVCache
 from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
 from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
@@ -31,13 +32,21 @@ log = logging.getLogger("pagedserve.executor")
 PROFILE_SAMPLING_ROWS = 256
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """`auto` is a CUDA device when there is one, else the CPU.
+
+    Rank r of a tensor-parallel group takes GPU r modulo the GPUs it sees: ranks on one host spread
+    over its GPUs, and a rank that sees a single GPU (a container given one) takes that one.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", rank % torch.cuda.device_count())
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -53,12 +62,17 @@ class ModelBackend:
 
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, config.rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)      # NCCL and the kernels use the current device
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # Every rank seeds alike, so unseeded sampling draws the same tokens on all of them.
         torch.manual_seed(config.seed)
+        self.tp = join_group(config.rank, config.world_size, config.distributed_init_address,
+                             config.distributed_backend, self.device, config.distributed_timeout_seconds)
         start = time.perf_counter()
         self.model, self.hf_config = load_model(config.model, self.dtype, self.device, config.load_format,
-                                                config.max_model_len or None)
+                                                config.max_model_len or None, self.tp)
         self.model.eval()
         log.info("loaded %s (%s, %s weights) on %s as %s in %.1fs", config.model,
                  self.hf_config.architectures[0], config.load_format, self.device,

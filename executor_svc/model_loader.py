@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import transformers
 
+from executor_svc.distributed import SINGLE_RANK, TensorParallel
 from executor_svc.models import CausalLM, architecture_of, model_class
 from executor_svc.weights import fill_dummy_weights, iterate_weights
 
@@ -60,8 +61,12 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto",
-               max_model_len: int | None = None) -> tuple[CausalLM, transformers.PretrainedConfig]:
+               max_model_len: int | None = None,
+               tp: TensorParallel = SINGLE_RANK) -> tuple[CausalLM, transformers.PretrainedConfig]:
     """Build the family `config.json` names directly on `device` in `dtype`, then load its weights.
+
+    Under tensor parallelism (`tp.size` > 1) the model holds only rank `tp.rank`'s shard: every rank
+    reads the whole checkpoint and keeps its slice of each tensor.
 
     Parameters are allocated uninitialised on the device (no random init, no CPU copy) and every one is
     then written by the checkpoint (load_format "auto") or the dummy filler ("dummy"). Returns the model
@@ -75,7 +80,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     config = load_config(model_dir)
     family = model_class(architecture_of(config))
     with default_dtype(dtype), torch.device(device):
-        model = family(config, max_model_len=max_model_len)
+        model = family(config, max_model_len=max_model_len, tp=tp)
     model.requires_grad_(False)
     if load_format == "dummy":
         fill_dummy_weights(model)

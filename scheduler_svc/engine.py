@@ -142,7 +142,8 @@ class Engine:
                                       gpu_memory_utilization=self.config.gpu_memory_utilization,
                                       swap_space_bytes=self.config.swap_space_bytes,
                                       max_num_batched_tokens=self._max_step_tokens())
-        caches = [await link.init_cache(request) for link in self.links]
+        # All at once: under tensor parallelism the ranks' profiling passes meet in collectives.
+        caches = await asyncio.gather(*(link.init_cache(request) for link in self.links))
         num_gpu = min(c.num_gpu_blocks for c in caches)
         num_cpu = min(c.num_cpu_blocks for c in caches)
         if first:

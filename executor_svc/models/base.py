@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from executor_svc.attention import ForwardContext
+from executor_svc.distributed import TensorParallel
 from executor_svc.models.errors import CheckpointError
 from executor_svc.models.layers import ParallelLMHead, QKVParallelLinear, ShardId, VocabParallelEmbedding
 from executor_svc.models.loading import ParameterLoader, Route
@@ -44,10 +45,16 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def _attach_lm_head(self, config: Any, input_size: int, embedding: VocabParallelEmbedding,
-                        qkv_proj: QKVParallelLinear, tie: bool, tp_rank: int, tp_size: int) -> None:
-        """Add the LM head (tied to `embedding` when `tie`) and the sizes the executor reads."""
+                        qkv_proj: QKVParallelLinear, tie: bool, tp: TensorParallel) -> None:
+        """Add the LM head (tied to `embedding` when `tie`) and the sizes the executor reads.
+
+        Under tensor parallelism the head computes this rank's vocabulary slice of the logits and
+        all-gathers the rest, so every rank holds the whole [N, vocab] logits and samples alike.
+        """
         self.tie_word_embeddings = tie
-        self.lm_head = ParallelLMHead(config.vocab_size, input_size, tp_rank=tp_rank, tp_size=tp_size)
+        self.tp = tp
+        self.lm_head = ParallelLMHead(config.vocab_size, input_size, tp_rank=tp.rank, tp_size=tp.size,
+                                      gather=tp.gather)
         if tie:
             self.lm_head.tie_to(embedding)
         self.num_layers = config.num_hidden_layers

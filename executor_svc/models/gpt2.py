@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from executor_svc.attention import ForwardContext
+from executor_svc.distributed import SINGLE_RANK, TensorParallel
 from executor_svc.models.base import CausalLM, resolve_max_model_len
 from executor_svc.models.errors import UnsupportedModelError
 from executor_svc.models.layers import (
@@ -33,13 +34,13 @@ SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 class GPT2Attention(nn.Module):
     """Multi-head self-attention with the fused c_attn projection."""
 
-    def __init__(self, config: Any, layer_idx: int, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, layer_idx: int, tp: TensorParallel) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         hidden, num_heads = config.hidden_size, config.num_attention_heads
         head_size = hidden // num_heads
-        self.c_attn = QKVParallelLinear(hidden, head_size, num_heads, num_heads, True, tp_rank, tp_size)
-        self.c_proj = RowParallelLinear(hidden, hidden, True, tp_rank, tp_size)
+        self.c_attn = QKVParallelLinear(hidden, head_size, num_heads, num_heads, True, tp.rank, tp.size)
+        self.c_proj = RowParallelLinear(hidden, hidden, True, tp.rank, tp.size, tp.reduce)
         self.scale = attention_scale(config, head_size, layer_idx)
 
     def forward(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -61,11 +62,11 @@ def attention_scale(config: Any, head_size: int, layer_idx: int) -> float:
 class GPT2MLP(nn.Module):
     """c_proj(act(c_fc(x)))."""
 
-    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
         inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
-        self.c_fc = ColumnParallelLinear(config.hidden_size, inner, True, tp_rank, tp_size)
-        self.c_proj = RowParallelLinear(inner, config.hidden_size, True, tp_rank, tp_size)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, inner, True, tp.rank, tp.size)
+        self.c_proj = RowParallelLinear(inner, config.hidden_size, True, tp.rank, tp.size, tp.reduce)
         self.act = get_act_fn(config.activation_function, "activation_function")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,13 +77,13 @@ class GPT2MLP(nn.Module):
 class GPT2Block(nn.Module):
     """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, config: Any, layer_idx: int, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, layer_idx: int, tp: TensorParallel) -> None:
         super().__init__()
         eps = config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.attn = GPT2Attention(config, layer_idx, tp_rank, tp_size)
+        self.attn = GPT2Attention(config, layer_idx, tp)
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.mlp = GPT2MLP(config, tp_rank, tp_size)
+        self.mlp = GPT2MLP(config, tp)
 
     def forward(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]."""
@@ -93,12 +94,12 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     """Token and position embeddings, blocks, final norm (HF's `transformer.` prefix)."""
 
-    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
-        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp.rank, tp.size, tp.reduce)
         # Every rank needs every position row: a one-rank embedding is the whole table.
         self.wpe = VocabParallelEmbedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i, tp_rank, tp_size)
+        self.h = nn.ModuleList(GPT2Block(config, i, tp)
                                for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
@@ -114,18 +115,18 @@ class GPT2Model(nn.Module):
 class GPT2LMHeadModel(CausalLM):
     """GPT-2 with its LM head (tied to `wte` unless `tie_word_embeddings` is false)."""
 
-    def __init__(self, config: Any, max_model_len: int | None = None, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+    def __init__(self, config: Any, max_model_len: int | None = None,
+                 tp: TensorParallel = SINGLE_RANK) -> None:
         super().__init__()
         if getattr(config, "add_cross_attention", False):
             raise UnsupportedModelError("config add_cross_attention=True (an encoder-decoder GPT-2) is not "
                                         "supported")
         self.max_model_len = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                                    "n_positions")
-        self.transformer = GPT2Model(config, tp_rank, tp_size)
+        self.transformer = GPT2Model(config, tp)
         tie = bool(getattr(config, "tie_word_embeddings", True))
         self._attach_lm_head(config, config.hidden_size, self.transformer.wte,
-                             self.transformer.h[0].attn.c_attn, tie, tp_rank, tp_size)
+                             self.transformer.h[0].attn.c_attn, tie, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from executor_svc.attention import ForwardContext
+from executor_svc.distributed import SINGLE_RANK, TensorParallel
 from executor_svc.models.base import CausalLM, config_value, resolve_max_model_len
 from executor_svc.models.errors import UnsupportedModelError
 from executor_svc.models.layers import (
@@ -43,8 +44,7 @@ def head_size_of(config: Any) -> int:
 class LlamaAttention(nn.Module):
     """Self-attention with grouped KV heads and rotary positions."""
 
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, tp_rank: int,
-                 tp_size: int) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, tp: TensorParallel) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         head_size = head_size_of(config)
@@ -52,8 +52,9 @@ class LlamaAttention(nn.Module):
         num_kv_heads = config_value(config, "num_key_value_heads", default=num_heads)
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_size, num_heads, num_kv_heads, bias,
-                                          tp_rank, tp_size)
-        self.o_proj = RowParallelLinear(num_heads * head_size, config.hidden_size, bias, tp_rank, tp_size)
+                                          tp.rank, tp.size)
+        self.o_proj = RowParallelLinear(num_heads * head_size, config.hidden_size, bias, tp.rank, tp.size,
+                                        tp.reduce)
         self.rotary_emb = rotary_emb
         self.scale = head_size**-0.5
 
@@ -68,13 +69,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x)), with gate and up in one matmul."""
 
-    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, tp_rank,
-                                                       tp_size)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp_rank, tp_size)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias, tp.rank,
+                                                       tp.size)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp.rank, tp.size, tp.reduce)
         self.act_fn = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +87,10 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, tp_rank: int,
-                 tp_size: int) -> None:
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, tp: TensorParallel) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, tp_rank, tp_size)
-        self.mlp = LlamaMLP(config, tp_rank, tp_size)
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -103,12 +103,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: Any, max_model_len: int, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, max_model_len: int, tp: TensorParallel) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp_rank, tp_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp.rank, tp.size,
+                                                   tp.reduce)
         # One rotary table shared by every layer: positions mean the same thing in all of them.
         rotary_emb = RotaryEmbedding.from_config(config, head_size_of(config), max_model_len)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, tp_rank, tp_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb, tp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -124,15 +125,15 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Llama with an LM head, tied to the token embedding when `tie_word_embeddings` is set."""
 
-    def __init__(self, config: Any, max_model_len: int | None = None, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+    def __init__(self, config: Any, max_model_len: int | None = None,
+                 tp: TensorParallel = SINGLE_RANK) -> None:
         super().__init__()
         self.max_model_len = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                                    "max_position_embeddings")
-        self.model = LlamaModel(config, self.max_model_len, tp_rank, tp_size)
+        self.model = LlamaModel(config, self.max_model_len, tp)
         self._attach_lm_head(config, config.hidden_size, self.model.embed_tokens,
                              self.model.layers[0].self_attn.qkv_proj,
-                             bool(getattr(config, "tie_word_embeddings", False)), tp_rank, tp_size)
+                             bool(getattr(config, "tie_word_embeddings", False)), tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
@@ -158,8 +159,8 @@ class MistralForCausalLM(LlamaForCausalLM):
     accepted when max_model_len (by default max_position_embeddings) fits inside the window.
     """
 
-    def __init__(self, config: Any, max_model_len: int | None = None, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+    def __init__(self, config: Any, max_model_len: int | None = None,
+                 tp: TensorParallel = SINGLE_RANK) -> None:
         window = getattr(config, "sliding_window", None)
         served = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                        "max_position_embeddings")
@@ -167,4 +168,4 @@ class MistralForCausalLM(LlamaForCausalLM):
             raise UnsupportedModelError(
                 f"config sliding_window={window} is smaller than max_model_len={served}: sliding-window "
                 f"attention is not supported; serve with max_model_len <= {window}")
-        super().__init__(config, max_model_len, tp_rank, tp_size)
+        super().__init__(config, max_model_len, tp)

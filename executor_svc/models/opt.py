@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from executor_svc.attention import ForwardContext
+from executor_svc.distributed import SINGLE_RANK, TensorParallel
 from executor_svc.models.base import CausalLM, config_value, resolve_max_model_len
 from executor_svc.models.layers import (
     ColumnParallelLinear,
@@ -51,15 +52,16 @@ def layer_norm(config: Any) -> nn.LayerNorm:
 class OPTAttention(nn.Module):
     """Multi-head self-attention; the query is scaled right after its projection, as OPT does."""
 
-    def __init__(self, config: Any, layer_idx: int, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, layer_idx: int, tp: TensorParallel) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         num_heads = config.num_attention_heads
         head_size = config.hidden_size // num_heads
         bias = bool(getattr(config, "enable_bias", True))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_size, num_heads, num_heads, bias,
-                                          tp_rank, tp_size)
-        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias, tp_rank, tp_size)
+                                          tp.rank, tp.size)
+        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size, bias, tp.rank, tp.size,
+                                          tp.reduce)
         self.scaling = head_size**-0.5
 
     def forward(self, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -73,14 +75,14 @@ class OPTAttention(nn.Module):
 class OPTDecoderLayer(nn.Module):
     """Attention and MLP blocks with the norm before each (pre-LN) or after each residual add (post-LN)."""
 
-    def __init__(self, config: Any, layer_idx: int, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, layer_idx: int, tp: TensorParallel) -> None:
         super().__init__()
         self.pre_norm = bool(config.do_layer_norm_before)
         bias = bool(getattr(config, "enable_bias", True))
-        self.self_attn = OPTAttention(config, layer_idx, tp_rank, tp_size)
+        self.self_attn = OPTAttention(config, layer_idx, tp)
         self.self_attn_layer_norm = layer_norm(config)
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias, tp_rank, tp_size)
-        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias, tp_rank, tp_size)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias, tp.rank, tp.size)
+        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias, tp.rank, tp.size, tp.reduce)
         self.final_layer_norm = layer_norm(config)
         self.activation_fn = get_act_fn(config.activation_function, "activation_function")
 
@@ -101,10 +103,11 @@ class OPTDecoderLayer(nn.Module):
 class OPTDecoder(nn.Module):
     """Embeddings, decoder layers, optional final norm and output projection (HF's `model.decoder.`)."""
 
-    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
         embed_dim = word_embed_dim(config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim, tp_rank, tp_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim, tp.rank, tp.size,
+                                                   tp.reduce)
         # Position rows are few and every rank needs all of them: a one-rank embedding is the whole table.
         self.embed_positions = VocabParallelEmbedding(config.max_position_embeddings + POSITION_OFFSET,
                                                       config.hidden_size)
@@ -116,7 +119,7 @@ class OPTDecoder(nn.Module):
         self.final_layer_norm: nn.LayerNorm | None = None
         if config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False):
             self.final_layer_norm = layer_norm(config)
-        self.layers = nn.ModuleList(OPTDecoderLayer(config, i, tp_rank, tp_size)
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, i, tp)
                                     for i in range(config.num_hidden_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -138,9 +141,9 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     """HF's `model.` level, which only holds the decoder."""
 
-    def __init__(self, config: Any, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(config, tp_rank, tp_size)
+        self.decoder = OPTDecoder(config, tp)
 
 
 class OPTForCausalLM(CausalLM):
@@ -149,16 +152,16 @@ class OPTForCausalLM(CausalLM):
     `forward` returns the states after project_out, [T, word_embed_proj_dim], which the LM head reads.
     """
 
-    def __init__(self, config: Any, max_model_len: int | None = None, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+    def __init__(self, config: Any, max_model_len: int | None = None,
+                 tp: TensorParallel = SINGLE_RANK) -> None:
         super().__init__()
         self.max_model_len = resolve_max_model_len(config.max_position_embeddings, max_model_len,
                                                    "max_position_embeddings")
-        self.model = OPTModel(config, tp_rank, tp_size)
+        self.model = OPTModel(config, tp)
         decoder = self.model.decoder
         tie = bool(getattr(config, "tie_word_embeddings", True))
         self._attach_lm_head(config, word_embed_dim(config), decoder.embed_tokens,
-                             decoder.layers[0].self_attn.qkv_proj, tie, tp_rank, tp_size)
+                             decoder.layers[0].self_attn.qkv_proj, tie, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
