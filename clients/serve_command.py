@@ -26,7 +26,8 @@ from scheduler_svc.errors import InvalidArgumentError
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
 _LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model",
-                             "served_model_name", "max_model_len", "max_message_bytes")
+                             "served_model_name", "max_model_len", "max_message_bytes",
+                             "distributed_init_address")
 READY_TIMEOUT_SECONDS = 900.0
 log = logging.getLogger("pagedserve.serve")
 
@@ -41,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
     """Launcher flags, every scheduler flag, and the executor's model and device flags."""
-    parser.add_argument("--executors", type=int, default=1, metavar="N",
-                        help="executor ranks to start (default 1)")
+    parser.add_argument("--executors", "--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="executor ranks to start, one tensor-parallel group: each holds 1/N of the "
+                             "model's heads and MLP (default 1)")
     parser.add_argument("--no-restart-executors", dest="restart_executors", action="store_false",
                         help="leave an executor that died down (by default it is restarted on its port)")
     SchedulerConfig.add_arguments(parser)
@@ -57,13 +59,17 @@ def build_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, list[Execu
     scheduler = SchedulerConfig.from_sources(args)
     base = config_from_sources(ExecutorConfig, args, None, EXECUTOR_ENV_PREFIX)
     ephemeral = scheduler.port == 0
+    # Rank 0 hosts the tensor-parallel group's rendezvous on a free port; every rank names it.
+    rendezvous = (base.distributed_init_address if args.executors == 1
+                  else f"{scheduler.host}:{free_port(scheduler.host)}")
     executors = []
     for rank in range(args.executors):
         port = free_port(scheduler.host) if ephemeral else scheduler.port + 10 + rank
         metrics_port = 0 if scheduler.metrics_port <= 0 else scheduler.metrics_port + 1 + rank
         executors.append(dataclasses.replace(
             base, host=scheduler.host, port=port, rank=rank, world_size=args.executors,
-            metrics_port=metrics_port, model=scheduler.model, served_model_name=scheduler.served_model_name))
+            distributed_init_address=rendezvous, metrics_port=metrics_port, model=scheduler.model,
+            served_model_name=scheduler.served_model_name))
     addresses = ",".join(f"{c.host}:{c.port}" for c in executors)
     return dataclasses.replace(scheduler, executor_addresses=addresses), executors
 

@@ -68,6 +68,14 @@ def stack_specs(scheduler: SchedulerConfig, executors: list[ExecutorConfig]) -> 
     return specs
 
 
+def tensor_parallel_group(spec: ServiceSpec) -> str | None:
+    """The rendezvous address that names an executor's tensor-parallel group; None for a lone rank."""
+    world_size = spec.environment.get(EXECUTOR_ENV_PREFIX + "WORLD_SIZE", "1")
+    if world_size == "1":
+        return None
+    return spec.environment.get(EXECUTOR_ENV_PREFIX + "DISTRIBUTED_INIT_ADDRESS")
+
+
 def free_port(host: str) -> int:
     """A port that is free on `host` now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -135,16 +143,33 @@ class LocalStack:
         while not self._stopping.wait(0.2):
             for name, managed in list(self.processes.items()):
                 code = managed.proc.poll()
-                if code is None or self._stopping.is_set():
+                # A group restart earlier in this pass may already have replaced this process.
+                if code is None or self._stopping.is_set() or self.processes.get(name) is not managed:
                     continue
                 if name.startswith("executor") and self.restart_executors:
-                    log.warning("%s exited with code %s; restarting it", name, code)
-                    time.sleep(RESTART_DELAY_SECONDS)
-                    if not self._stopping.is_set():
-                        self._spawn(managed.spec, managed.restarts + 1)
+                    self._restart_group(managed, code)
                 elif name == "scheduler":
                     log.error("the scheduler exited with code %s", code)
                     self._stopping.set()
+
+    def _restart_group(self, dead: ManagedProcess, code: int) -> None:
+        """Restart a dead executor on its port, with the rest of its tensor-parallel group.
+
+        The ranks of a group meet in every forward pass, so the survivors of a lost rank would wait for
+        it forever: they are stopped too, and the whole group starts again and rejoins.
+        """
+        group = [m for m in list(self.processes.values()) if tensor_parallel_group(m.spec) is not None
+                 and tensor_parallel_group(m.spec) == tensor_parallel_group(dead.spec)] or [dead]
+        others = [m.spec.name for m in group if m is not dead]
+        log.warning("%s exited with code %s; restarting it%s", dead.spec.name, code,
+                    f" with the rest of its tensor-parallel group ({', '.join(others)})" if others else "")
+        for managed in group:
+            if managed is not dead:
+                stop_process(managed.proc, timeout=10.0)
+        time.sleep(RESTART_DELAY_SECONDS)
+        for managed in group:
+            if not self._stopping.is_set():
+                self._spawn(managed.spec, managed.restarts + 1)
 
     def wait_listening(self, name: str, timeout: float) -> str:
         """The address `name` listens on, once it says so (raises TimeoutError)."""

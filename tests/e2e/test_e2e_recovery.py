@@ -74,6 +74,22 @@ def test_killed_executor_is_restarted_and_waiting_requests_finish_unchanged(stac
     assert running.stack.processes["executor-0"].restarts == 1
 
 
+def test_a_killed_tensor_parallel_rank_restarts_its_group_and_requests_finish_unchanged(stack, start_stack):
+    requests = [{**r, "temperature": 0.0} for r in _requests(4)]
+    with stack.client() as client:
+        expected = [list(client.generate(**r).outputs[0].token_ids) for r in requests]
+    running = start_stack("--executors", "2")
+    streams = StreamsInFlight(running.target, requests)
+    streams.wait_for_tokens(5)
+    running.stack.processes["executor-1"].proc.send_signal(signal.SIGKILL)
+    running.wait_health(NOT_SERVING, timeout=30)
+    running.wait_health(SERVING, timeout=180)      # both ranks restarted and rejoined their group
+    streams.join()
+    assert streams.errors == [None] * len(requests)
+    assert streams.tokens == expected
+    assert [running.stack.processes[f"executor-{r}"].restarts for r in range(2)] == [1, 1]
+
+
 def test_past_the_grace_period_live_streams_fail_with_unavailable(start_stack):
     running = start_stack("--executor-grace-seconds", "2", restart_executors=False)
     streams = StreamsInFlight(running.target, _requests(3))

@@ -206,16 +206,29 @@ def test_server_reflection_lists_the_services(stack):
     assert {"pagedserve.v1.GenerationService", "grpc.health.v1.Health"} <= services
 
 
-def test_two_executor_ranks_get_the_same_plan_and_agree(stack, start_stack):
-    prompt = "def fibonacci(n):"
+def test_two_tensor_parallel_ranks_serve_what_one_rank_serves(stack, start_stack):
+    from scheduler_svc.executor_client import ExecutorClient
+
+    prompts = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\n"]
     with stack.client() as client:
-        expected = client.generate(prompt, max_tokens=16, temperature=0.7, seed=3).outputs[0].token_ids
+        expected = [client.generate(p, max_tokens=24, temperature=0.0, ignore_eos=True).outputs[0].token_ids
+                    for p in prompts]
+        one_rank_blocks = client.model_info().num_gpu_blocks
     two = start_stack("--executors", "2")
     with two.client() as client:
-        assert client.model_info().world_size == 2
-        got = client.generate(prompt, max_tokens=16, temperature=0.7, seed=3).outputs[0].token_ids
+        info = client.model_info()
+        got = [client.generate(p, max_tokens=24, temperature=0.0, ignore_eos=True).outputs[0].token_ids
+               for p in prompts]
+    assert info.world_size == 2
     assert got == expected
-    assert two.metric('pagedserve_executor_steps_total{rank="1"}', "executor-1") >= 16
+    # Each rank holds half of the KV heads, so the same cache budget holds twice the blocks.
+    assert info.num_gpu_blocks == 2 * one_rank_blocks
+    for rank in range(2):
+        executor = ExecutorClient(two.stack.processes[f"executor-{rank}"].address)
+        described = executor.describe()
+        executor.close()
+        assert (described.rank, described.world_size, described.num_kv_heads) == (rank, 2, 2)
+    assert two.metric('pagedserve_executor_steps_total{rank="1"}', "executor-1") >= 24
 
 
 def test_asyncio_client_streams_and_cancels(stack):
