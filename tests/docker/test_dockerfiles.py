@@ -142,9 +142,12 @@ def dockerignore_excludes(path: str, lines: list[str]) -> bool:
 
 
 def tracked_files(*paths: str) -> list[str]:
-    """The repository files git tracks under `paths` (skips outside a git checkout)."""
-    result = subprocess.run(["git", "ls-files", "--", *paths], cwd=REPO, capture_output=True, text=True,
-                            check=False)
+    """The repository files git tracks under `paths` (skips outside a git checkout, or without git)."""
+    try:
+        result = subprocess.run(["git", "ls-files", "--", *paths], cwd=REPO, capture_output=True, text=True,
+                                check=False)
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
     if result.returncode != 0:
         pytest.skip(f"not a git checkout: {result.stderr.strip()}")
     return result.stdout.splitlines()
