@@ -46,6 +46,8 @@ from scheduler_svc.default_model import default_model_dir  # noqa: E402
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
              "max_position_embeddings": 4096}
+LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 PHASES = ("main", "profile", "peers", "reservation", "blocksize", "preemption", "sharing", "online")
 READY_TIMEOUT_S = 900.0
@@ -74,12 +76,13 @@ class SuiteOptions:
     out: Path
 
 
-def write_model_config(directory: Path) -> Path:
-    """A Llama-2-7B-shaped model directory: config.json (the executor uses dummy weights) and the
-    embedded model's tokenizer for the scheduler (ids past its 4,096 tokens detokenize as unknown)."""
+def write_model_config(directory: Path, shape: dict[str, int] = LLAMA2_7B) -> Path:
+    """A Llama-shaped model directory (Llama-2-7B by default): config.json (the executor uses dummy
+    weights) and the embedded model's tokenizer for the scheduler (ids past its 4,096 tokens detokenize
+    as unknown)."""
     import transformers
 
-    config = transformers.LlamaConfig(**LLAMA2_7B, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(directory)
     for name in TOKENIZER_FILES:

@@ -52,18 +52,25 @@ def requests() -> list[tuple[str, list[int], SamplingParams]]:
     return work
 
 
-def generate(model_dir: str, rank: int = 0, world_size: int = 1, address: str = "127.0.0.1:1") -> dict:
-    """Serve `requests()` on one rank; returns the tokens by request and what the rank describes."""
+def generate(model_dir: str, rank: int = 0, world_size: int = 1, address: str = "127.0.0.1:1",
+             **fields: Any) -> dict:
+    """Serve `requests()` on one rank; returns the tokens by request and what the rank describes.
+
+    `fields` override the ExecutorConfig (by default the CPU in float32).
+    """
     from executor_svc.distributed import leave_group
     from executor_svc.model_backend import ModelBackend
 
-    config = ExecutorConfig(model=model_dir, device="cpu", dtype="float32", cpu_kv_cache_bytes=1 << 22,
-                            rank=rank, world_size=world_size, distributed_init_address=address,
-                            distributed_timeout_seconds=120.0)
+    settings = {"device": "cpu", "dtype": "float32", **fields}
+    config = ExecutorConfig(model=model_dir, cpu_kv_cache_bytes=1 << 22, rank=rank, world_size=world_size,
+                            distributed_init_address=address, distributed_timeout_seconds=120.0,
+                            **settings)
     backend = ModelBackend(config)
     try:
-        backend.init_cache(BLOCK_SIZE, 0.9, 1 << 20)
+        backend.init_cache(BLOCK_SIZE, 0.2, 1 << 20)
         described = backend.describe()
+        assert backend.runner is not None
+        graphs = backend.runner.graphs is not None
         scheduler_config = SchedulerConfig(block_size=BLOCK_SIZE, max_num_seqs=8, max_num_batched_tokens=128,
                                            preemption_mode=PreemptionPolicy.SWAP, watermark=0.0)
         scheduler = Scheduler(scheduler_config,
@@ -81,25 +88,26 @@ def generate(model_dir: str, rank: int = 0, world_size: int = 1, address: str = 
         stats = scheduler.stats()
         return {"tokens": {rid: dict(out.token_ids) for rid, out in done.items()},
                 "num_kv_heads": described.num_kv_heads, "world_size": described.world_size,
-                "swapped": stats.num_preemptions_swap}
+                "swapped": stats.num_preemptions_swap, "graphs": graphs}
     finally:
         leave_group()
 
 
-def _rank_main(model_dir: str, rank: int, world_size: int, address: str, results: Any) -> None:
+def _rank_main(model_dir: str, rank: int, world_size: int, address: str, results: Any,
+               fields: dict[str, Any]) -> None:
     try:
-        results.put((rank, generate(model_dir, rank, world_size, address)))
+        results.put((rank, generate(model_dir, rank, world_size, address, **fields)))
     except BaseException as err:                  # report it: a silent child would only time out
         results.put((rank, repr(err)))
         raise
 
 
-def generate_in_group(model_dir: str, world_size: int) -> list[dict]:
-    """Run `generate` on `world_size` spawned ranks joined over gloo; returns their results by rank."""
+def generate_in_group(model_dir: str, world_size: int, **fields: Any) -> list[dict]:
+    """Run `generate` on `world_size` spawned ranks joined in a group; returns their results by rank."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     address = free_address()
-    ranks = [context.Process(target=_rank_main, args=(model_dir, r, world_size, address, results))
+    ranks = [context.Process(target=_rank_main, args=(model_dir, r, world_size, address, results, fields))
              for r in range(world_size)]
     for process in ranks:
         process.start()
@@ -172,3 +180,37 @@ def test_heads_that_do_not_divide_over_the_ranks_are_refused(tmp_path):
     build_hf_model(tiny_config("gpt2"), seed=0).save_pretrained(tmp_path)     # 4 heads
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tp_size \(3\)"):
         load_model(tmp_path, torch.float32, "cpu", tp=TensorParallel(rank=0, size=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_ranks_over_nccl_with_cuda_graphs_generate_what_one_gpu_generates(tmp_path):
+    """Two GPUs joined over NCCL: in float32 (eager) greedy tokens equal one GPU's exactly; in bfloat16
+    the decode steps replay CUDA graphs with the all-reduces captured inside, and the ranks agree."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    config = tiny_config("llama_gqa_llama3")
+    config.head_dim = 64                                  # a head size the CUDA kernels instantiate
+    config.num_attention_heads, config.num_key_value_heads, config.hidden_size = 4, 2, 256
+    build_hf_model(config, seed=0).save_pretrained(tmp_path)
+    model_dir = str(tmp_path)
+
+    # Each run in processes of its own, so no run's cached GPU memory shrinks the next one's KV cache.
+    (exact_single,) = generate_in_group(model_dir, 1, device="cuda:0", dtype="float32")
+    exact_group = generate_in_group(model_dir, 2, device="auto", dtype="float32")
+    assert exact_group[0]["tokens"] == exact_group[1]["tokens"]
+    for request_id, outputs in exact_single["tokens"].items():
+        if request_id.startswith("greedy"):
+            assert exact_group[0]["tokens"][request_id] == outputs, request_id
+
+    (fast_single,) = generate_in_group(model_dir, 1, device="cuda:0", dtype="bfloat16")
+    fast_group = generate_in_group(model_dir, 2, device="auto", dtype="bfloat16")
+    assert fast_single["graphs"] and all(r["graphs"] for r in fast_group), "decode graphs were not captured"
+    assert fast_group[0]["tokens"] == fast_group[1]["tokens"]
+    # bfloat16 sums the ranks' partial products in another order than one GPU's matmul, so a near-tie
+    # may flip a token; a lost or doubled all-reduce inside the graphs would change nearly all of them.
+    pairs = [(a, b) for rid, outs in fast_single["tokens"].items() if rid.startswith("greedy")
+             for index, tokens in outs.items()
+             for a, b in zip(tokens, fast_group[0]["tokens"][rid][index], strict=True)]
+    agreement = sum(a == b for a, b in pairs) / len(pairs)
+    assert agreement >= 0.9, f"only {agreement:.0%} of bfloat16 greedy tokens match one GPU's"
