@@ -199,25 +199,40 @@ class LocalStack:
         return scheduler is not None and scheduler.proc.poll() is not None and not self._stopping.is_set()
 
     def stop(self) -> int:
-        """SIGTERM the scheduler (it drains), then the executors; returns the scheduler's exit code."""
+        """SIGTERM the scheduler (it drains), then every executor at once; returns the scheduler's code.
+
+        The executors are signalled together so that each rank of a tensor-parallel group knows it is
+        stopping before its peers go: one left behind would take their exit for a failure.
+        """
         self._stopping.set()
-        order = ["scheduler"] + [n for n in self.processes if n != "scheduler"]
-        codes = {}
-        for name in order:
-            managed = self.processes.get(name)
-            if managed is None:
-                continue
-            codes[name] = stop_process(managed.proc)
-        return codes.get("scheduler") or 0
+        code = 0
+        if (scheduler := self.processes.get("scheduler")) is not None:
+            code = stop_process(scheduler.proc) or 0
+        executors = [m.proc for n, m in self.processes.items() if n != "scheduler"]
+        for proc in executors:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in executors:
+            wait_or_kill(proc)
+        return code
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
     """SIGTERM, wait up to `timeout` seconds, then SIGKILL; returns the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return wait_or_kill(proc, timeout)
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> int:
+    """Wait up to `timeout` seconds for a signalled process, then SIGKILL it; returns the exit code.
+
+    It never signals twice: a second SIGTERM could land after the process removed its handler on the
+    way out, and end it with the signal instead of its own exit code.
+    """
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     return proc.returncode

@@ -68,3 +68,7 @@ class ExecutorBackend(Protocol):
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one plan."""
         ...
+
+    def begin_shutdown(self) -> None:
+        """The process is stopping on purpose: whatever watches for failures may stand down."""
+        ...

@@ -48,6 +48,8 @@ class ExecutorConfig:
     distributed_init_address: str = "127.0.0.1:29500"
     distributed_backend: str = "auto"   # auto: nccl on CUDA, gloo on the CPU
     distributed_timeout_seconds: float = 600.0
+    # A rank that has not heard a peer's heartbeat for this long exits (code 3) so the group restarts.
+    distributed_heartbeat_timeout_seconds: float = 30.0
     max_model_len: int = 0
     max_message_bytes: int = 256 * 2**20
     cuda_graphs: bool = True        # replay decode steps as CUDA graphs (fp16/bf16 on CUDA with the kernels)
@@ -67,6 +69,8 @@ class ExecutorConfig:
         _check(self.distributed_backend in ("auto", "nccl", "gloo"), "distributed_backend",
                f"must be auto, nccl or gloo, got {self.distributed_backend!r}")
         _check(self.distributed_timeout_seconds > 0, "distributed_timeout_seconds", "must be > 0")
+        _check(self.distributed_heartbeat_timeout_seconds > 0, "distributed_heartbeat_timeout_seconds",
+               "must be > 0")
         _check(self.max_model_len == 0 or self.max_model_len >= 2, "max_model_len",
                "must be at least 2 (0 takes the model's own limit)")
         if self.backend is Backend.MODEL and not self.model:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from executor_svc.group_watchdog import GroupWatchdog
+
 log = logging.getLogger("pagedserve.executor")
 
 
@@ -59,6 +61,8 @@ class TensorParallel:
 
 SINGLE_RANK = TensorParallel()
 
+_watchdog: GroupWatchdog | None = None     # this process's, while it belongs to a group
+
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """`auto` is NCCL for CUDA devices and gloo for the CPU."""
@@ -68,12 +72,14 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def join_group(rank: int, world_size: int, init_address: str, backend: str, device: torch.device,
-               timeout_seconds: float) -> TensorParallel:
+               timeout_seconds: float, heartbeat_timeout_seconds: float = 30.0) -> TensorParallel:
     """Join (or, as rank 0, host) the group at `init_address`; blocks until every rank has joined.
 
     A first all-reduce proves the group works and, under NCCL, creates the communicator now rather than
-    inside a CUDA graph capture, where creating it is not allowed.
+    inside a CUDA graph capture, where creating it is not allowed. Then a GroupWatchdog starts: if a peer
+    dies later, this process exits (group_watchdog.GROUP_LOST_EXIT_CODE) so the whole group restarts.
     """
+    global _watchdog
     if world_size == 1:
         return SINGLE_RANK
     backend = resolve_backend(backend, device)
@@ -91,11 +97,27 @@ def join_group(rank: int, world_size: int, init_address: str, backend: str, devi
     if int(probe.item()) != world_size:
         raise RuntimeError(f"the tensor-parallel group's first all-reduce gave {probe.item()}, "
                            f"expected {world_size}")
+    _watchdog = GroupWatchdog(init_address, rank, world_size, heartbeat_timeout_seconds).start()
     log.info("rank %d/%d: tensor-parallel group ready", rank, world_size)
     return group
 
 
+def stop_watchdog() -> None:
+    """Stop watching the group's peers: this rank is shutting down on purpose (SIGTERM), and the peers'
+    departures that follow are expected."""
+    if _watchdog is not None:
+        _watchdog.stop()
+
+
 def leave_group() -> None:
-    """Destroy the process group, if this process joined one (lets tests join again)."""
+    """Leave the group, if this process joined one (lets tests join again).
+
+    The ranks stop their watchdogs first and rank 0, whose process hosts the group's store, waits for all
+    of them before destroying it: a peer still watching would take the vanished store for rank 0's death.
+    """
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.leave()
+        _watchdog = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ from executor_svc.attention import AttentionMetadata, ForwardContext
 from executor_svc.backend import CacheDescription, ModelDescription
 from executor_svc.config import ExecutorConfig
 from executor_svc.cuda_graphs import DecodeGraphs, graphs_supported
-from executor_svc.distributed import join_group
+from executor_svc.distributed import join_group, stop_watchdog
 from executor_svc.kv_cache import CacheShape, KVCache
 from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
 from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
@@ -69,7 +69,8 @@ class ModelBackend:
         # Every rank seeds alike, so unseeded sampling draws the same tokens on all of them.
         torch.manual_seed(config.seed)
         self.tp = join_group(config.rank, config.world_size, config.distributed_init_address,
-                             config.distributed_backend, self.device, config.distributed_timeout_seconds)
+                             config.distributed_backend, self.device, config.distributed_timeout_seconds,
+                             config.distributed_heartbeat_timeout_seconds)
         start = time.perf_counter()
         self.model, self.hf_config = load_model(config.model, self.dtype, self.device, config.load_format,
                                                 config.max_model_len or None, self.tp)
@@ -180,6 +181,11 @@ class ModelBackend:
         """Forget every sequence; the cache stays."""
         if self.runner is not None:
             self.runner.reset()
+
+    def begin_shutdown(self) -> None:
+        """Stop watching the tensor-parallel peers, which are being stopped too (a peer that goes first
+        must not look like a failure that ends this process with GROUP_LOST_EXIT_CODE)."""
+        stop_watchdog()
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one plan."""

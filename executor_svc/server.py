@@ -146,8 +146,13 @@ async def serve(config: ExecutorConfig, backend: ExecutorBackend) -> None:
              config.backend.value, config.rank, config.world_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        backend.begin_shutdown()            # first, before the peers that get the same signal go away
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     log.info("shutting down")
     await server.stop(SHUTDOWN_GRACE_SECONDS)

@@ -54,6 +54,9 @@ class SimulatedBackend:
         if self._executor is not None:
             self._executor.seqs.clear()
 
+    def begin_shutdown(self) -> None:
+        """Nothing to stand down."""
+
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one plan on the simulated KV pools."""
         assert self._executor is not None, "init_cache first"

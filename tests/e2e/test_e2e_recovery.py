@@ -90,6 +90,25 @@ def test_a_killed_tensor_parallel_rank_restarts_its_group_and_requests_finish_un
     assert [running.stack.processes[f"executor-{r}"].restarts for r in range(2)] == [1, 1]
 
 
+def test_a_killed_rank_ends_its_peer_so_a_process_supervisor_can_restart_the_group(start_stack):
+    """Without the launcher's group restart (as under Compose, which restarts one container), the
+    surviving rank notices the silent peer and exits with code 3, so its supervisor restarts it too."""
+    running = start_stack("--executors", "2", "--distributed-heartbeat-timeout-seconds", "3",
+                          restart_executors=False)
+    survivor = running.stack.processes["executor-0"].proc
+    running.stack.processes["executor-1"].proc.send_signal(signal.SIGKILL)
+    assert survivor.wait(timeout=60) == 3
+
+
+def test_a_tensor_parallel_stack_stops_cleanly(start_stack):
+    """SIGTERM reaches every rank before any leaves, so no rank takes its peer's exit for a failure."""
+    running = start_stack("--executors", "2", "--distributed-heartbeat-timeout-seconds", "3")
+    with running.client() as client:
+        assert len(client.generate("def f():", max_tokens=4).outputs[0].token_ids) == 4
+    running.stop()
+    assert [running.stack.processes[f"executor-{r}"].proc.returncode for r in range(2)] == [0, 0]
+
+
 def test_past_the_grace_period_live_streams_fail_with_unavailable(start_stack):
     running = start_stack("--executor-grace-seconds", "2", restart_executors=False)
     streams = StreamsInFlight(running.target, _requests(3))
