@@ -12,8 +12,8 @@ import pytest
 
 dist = pytest.importorskip("torch.distributed")
 
-from executor_svc.group_watchdog import GroupWatchdog  # noqa: E402
 from clients.stack import free_port  # noqa: E402
+from executor_svc.group_watchdog import GroupWatchdog  # noqa: E402
 
 TIMEOUT = 1.5
 INTERVAL = 0.05
