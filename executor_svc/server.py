@@ -25,6 +25,7 @@ from executor_svc.config import ExecutorConfig
 from executor_svc.metrics import ExecutorMetrics
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
+from scheduler_svc.gc_policy import settle_heap
 from scheduler_svc.metrics_http import metrics_url, start_metrics_server
 from scheduler_svc.plan import MalformedPlanError
 from scheduler_svc.plan_codec import error_result, plan_from_proto, result_to_proto
@@ -69,6 +70,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         log.info("KV cache: %d GPU blocks, %d CPU blocks of %d tokens", cache.num_gpu_blocks,
                  cache.num_cpu_blocks, size)
         self._metrics.record_cache(cache.num_gpu_blocks, cache.num_cpu_blocks)
+        settle_heap()                   # the cache, the graphs and their buffers will live until the next
         return pb.InitCacheResponse(**dataclasses.asdict(cache))
 
     async def Execute(self, request_iterator: AsyncIterator[pb.StepPlan],
@@ -141,6 +143,7 @@ async def serve(config: ExecutorConfig, backend: ExecutorBackend) -> None:
     if config.metrics_port >= 0:
         metrics_port = start_metrics_server(metrics.registry, config.host, config.metrics_port)
         log.info("metrics on %s", metrics_url(config.host, metrics_port))
+    settle_heap()                       # the model is loaded: freeze it with every module
     server, port = await start_server(config, backend, metrics)
     log.info("pagedserve-executor listening on %s:%d (backend %s, rank %d/%d)", config.host, port,
              config.backend.value, config.rank, config.world_size)

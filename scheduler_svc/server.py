@@ -29,6 +29,7 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.default_model import default_model_dir
 from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
 from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
+from scheduler_svc.gc_policy import settle_heap
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.metrics_http import start_metrics_server
 from scheduler_svc.tokenizer import encode_prompt, load_tokenizer
@@ -250,6 +251,8 @@ async def serve(config: SchedulerConfig) -> int:
         log.error("cannot start: %s", startup.exception())
         await server.server.stop(grace=0)
         return 1
+    if startup.done():
+        settle_heap()                   # the tokenizer and every module are loaded: freeze them
     await stopping
     log.info("shutting down")
     startup.cancel()
