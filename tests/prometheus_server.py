@@ -8,8 +8,6 @@ missing binary fails the test instead of silently skipping it. Stdlib only (urll
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -21,34 +19,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import pytest
-
 from clients.stack import stop_process
+from tests.required_tools import require_tool
 
 REQUIRE_ENV = "PAGEDSERVE_REQUIRE_PROMETHEUS"
 POLL_SECONDS = 0.1
 HTTP_TIMEOUT_SECONDS = 5.0
 
 
-def _require_binary(name: str) -> str:
-    """The path of `name`; skips the test where it is missing, or fails when REQUIRE_ENV is 1."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install prometheus)"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{message}, and {REQUIRE_ENV}=1 requires it")
-        pytest.skip(message)
-    return path
-
-
 def require_prometheus() -> str:
     """The path of the `prometheus` binary, or skip (fail under PAGEDSERVE_REQUIRE_PROMETHEUS=1)."""
-    return _require_binary("prometheus")
+    return require_tool("prometheus", "apt-get install prometheus", REQUIRE_ENV)
 
 
 def require_promtool() -> str:
     """The path of the `promtool` binary, or skip (fail under PAGEDSERVE_REQUIRE_PROMETHEUS=1)."""
-    return _require_binary("promtool")
+    return require_tool("promtool", "apt-get install prometheus", REQUIRE_ENV)
 
 
 def promtool_check_metrics(exposition: bytes) -> tuple[int, str]:

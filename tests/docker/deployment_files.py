@@ -17,16 +17,15 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
 import yaml
+
+from tests import required_tools
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -71,16 +70,9 @@ def layout_named(name: str) -> Layout:
 
 
 def require_tool(name: str, install_hint: str) -> str:
-    """The path of tool `name` (on PATH or beside this interpreter, as a venv installs it); skips the test
-    where it is missing, or fails it when PAGEDSERVE_REQUIRE_DOCKER_TOOLS=1."""
-    beside = Path(sys.executable).parent / name
-    path = shutil.which(name) or (str(beside) if beside.is_file() else None)
-    if path is None:
-        message = f"{name} is not installed ({install_hint})"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{message}, and {REQUIRE_ENV}=1 requires it")
-        pytest.skip(message)
-    return path
+    """The path of tool `name`; skips the test where it is missing, or fails it when
+    PAGEDSERVE_REQUIRE_DOCKER_TOOLS=1."""
+    return required_tools.require_tool(name, install_hint, REQUIRE_ENV)
 
 
 # ---------------------------------------------------------------- interpolation
