@@ -70,13 +70,31 @@ class StreamUpdate:
         """Whether the request ended with this update."""
         return self.usage is not None or self.error is not None
 
+    def absorb(self, later: StreamUpdate) -> None:
+        """Append a later (error-free) update to this one, as if one message had carried both."""
+        by_index = {choice.index: choice for choice in self.choices}
+        for choice in later.choices:
+            earlier = by_index.get(choice.index)
+            if earlier is None:
+                self.choices.append(choice)
+                by_index[choice.index] = choice
+                continue
+            earlier.text += choice.text
+            earlier.token_ids += choice.token_ids
+            earlier.logprobs += choice.logprobs
+            earlier.cumulative_logprob = choice.cumulative_logprob
+            if choice.finish_reason is not None:
+                earlier.finish_reason = choice.finish_reason
+                earlier.stop_reason, earlier.stop_token_id = choice.stop_reason, choice.stop_token_id
+        self.usage = later.usage
+
 
 # What a stream needs from the engine: stop sequence `index` of `request_id` on a stop string.
 StopSequence = Callable[[str, int, str], None]
 
 
 class RequestStream:
-    """Client-facing state of one request; updates are consumed with `async for` or `next_update`."""
+    """Client-facing state of one request; the frontend consumes its updates with `next_update`."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  tokenizer: Any, token_texts: TokenTexts, skip_special_tokens: bool,
@@ -90,6 +108,7 @@ class RequestStream:
         self._stop_sequence = stop_sequence
         self._clock = clock
         self._updates: asyncio.Queue[StreamUpdate] = asyncio.Queue()
+        self._held: StreamUpdate | None = None     # an error update taken while merging, sent next
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._stopped: set[int] = set()      # indexes a stop string ended, awaiting the scheduler's close
         self._num_tokens: dict[int, int] = {}
@@ -103,8 +122,21 @@ class RequestStream:
     # ---- consumer side ---------------------------------------------------------------------------
 
     async def next_update(self) -> StreamUpdate:
-        """Wait for the next update."""
-        return await self._updates.get()
+        """Wait for the next update; the updates queued meanwhile come merged into it.
+
+        A client that reads slower than the engine steps (or a frontend busy with many streams) would
+        otherwise get one message per step, each costing a gRPC write; merged, it gets what is ready in
+        one. An error update is never merged: the tokens before it go first, then the error.
+        """
+        update = self._held or await self._updates.get()
+        self._held = None
+        while not update.is_last and not self._updates.empty():
+            later = self._updates.get_nowait()
+            if later.error is not None:
+                self._held = later
+                break
+            update.absorb(later)
+        return update
 
     def fail(self, kind: RequestErrorKind, message: str) -> None:
         """End the stream with an error (the request is already gone from the scheduler)."""
