@@ -15,7 +15,7 @@ string is held back until it is known not to be one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,7 @@ class IncrementalDetokenizer:
             raise ValueError("stop strings must not be empty")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        self._backend_decode = backend_decoder(tokenizer)
         self._stops = tuple(dict.fromkeys(stop))
         self._include_stop = include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
@@ -228,9 +229,31 @@ class IncrementalDetokenizer:
         return start
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
         )
+
+
+def backend_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | None:
+    """The Rust `tokenizers.Tokenizer.decode` behind a fast tokenizer, or None to go through transformers.
+
+    For a tokenizer whose `_decode` is transformers' own TokenizersBackend one, `decode(ids,
+    skip_special_tokens=s, clean_up_tokenization_spaces=False)` is exactly the backend's `decode(ids,
+    skip_special_tokens=s)`, after argument conversions (`to_py_obj` over the ids) that cost more than the
+    decode itself for the few-token windows detokenizing a step needs. A subclass that overrides
+    `_decode` keeps the slow path.
+    """
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:                          # another transformers layout: always the slow path
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    stock = getattr(type(tokenizer), "_decode", None) is TokenizersBackend._decode
+    if not stock or not hasattr(backend, "decode"):
+        return None
+    return backend.decode
 
 
 def decode_whole(

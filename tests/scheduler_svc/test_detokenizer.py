@@ -454,3 +454,18 @@ def test_each_token_decodes_a_short_window_only(tokenizer):
     # The window is the prompt context plus the few tokens of one (possibly multi-byte) character.
     assert counting.longest <= CONTEXT_TOKENS + 8
     assert counting.calls <= 2 * len(output) + 2
+
+
+# ------------------------------------------------------------------------ the backend's decode
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), skip=st.booleans())
+def test_the_backend_decode_equals_transformers_decode(tokenizer, data, skip):
+    """The fast path the detokenizer takes gives transformers' text for any ids, special ones included."""
+    from scheduler_svc.detokenizer import backend_decoder
+
+    fast = backend_decoder(tokenizer)
+    assert fast is not None, "a fast tokenizer should decode through its backend"
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=12))
+    assert fast(ids, skip_special_tokens=skip) == decode(tokenizer, ids, skip)
