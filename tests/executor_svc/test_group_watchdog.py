@@ -7,6 +7,8 @@ import datetime
 import gc
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -44,32 +46,36 @@ def watchdogs(port: int, world_size: int, losses: Losses) -> list[GroupWatchdog]
                           interval_seconds=INTERVAL).start() for rank in range(world_size)]
 
 
-def test_a_whole_group_is_left_alone():
+@contextmanager
+def running_group(world_size: int) -> Iterator[tuple[list[GroupWatchdog], Losses]]:
+    """A store as rank 0 hosts it and a started watchdog per rank; all stopped afterwards."""
     port, losses = free_port("127.0.0.1"), Losses()
-    store = host_store(port, 3)
-    group = watchdogs(port, 3, losses)
-    assert not losses.event.wait(TIMEOUT * 2)
-    for watchdog in group:
-        watchdog.stop()
-    del store
+    store = host_store(port, world_size)
+    group = watchdogs(port, world_size, losses)
+    try:
+        yield group, losses
+    finally:
+        for watchdog in group:
+            watchdog.stop()
+        del store
+
+
+def test_a_whole_group_is_left_alone():
+    with running_group(3) as (_, losses):
+        assert not losses.event.wait(TIMEOUT * 2)
 
 
 def test_a_rank_that_stops_beating_is_reported_by_its_peers():
-    port, losses = free_port("127.0.0.1"), Losses()
-    store = host_store(port, 3)
-    group = watchdogs(port, 3, losses)
-    time.sleep(0.3)
-    started = time.monotonic()
-    group[2].stop()                      # as if rank 2's process had died
-    deadline = started + TIMEOUT * 4
-    while len(losses.reasons) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sorted(losses.reasons) == [0, 1]
-    assert all("rank 2 has not been heard from" in r for r in losses.reasons.values()), losses.reasons
-    assert time.monotonic() - started >= TIMEOUT
-    for watchdog in group:
-        watchdog.stop()
-    del store
+    with running_group(3) as (group, losses):
+        time.sleep(0.3)
+        started = time.monotonic()
+        group[2].stop()                  # as if rank 2's process had died
+        deadline = started + TIMEOUT * 4
+        while len(losses.reasons) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(losses.reasons) == [0, 1]
+        assert all("rank 2 has not been heard from" in r for r in losses.reasons.values()), losses.reasons
+        assert time.monotonic() - started >= TIMEOUT
 
 
 def test_the_store_vanishing_with_rank_0_is_reported():
