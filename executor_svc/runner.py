@@ -68,7 +68,7 @@ class ModelRunner:
 
     def _roofline_seconds(self, works: list[SequenceWork]) -> float:
         """The memory-roofline time of a step of decode tokens only (0 for any other step)."""
-        if self.roofline is None or not works or any(len(w.token_ids) != 1 for w in works):
+        if self.roofline is None or not works or any(w.num_tokens != 1 for w in works):
             return 0.0
         return self.roofline.seconds([w.start_position + 1 for w in works])
 
@@ -78,9 +78,9 @@ class ModelRunner:
         starts, lengths, tables, last_token = [], [], [], []
         for work in works:
             state = self.seqs.begin_work(work)
-            input_ids.extend(work.token_ids)
+            input_ids.extend(state.token_ids[-work.num_tokens:])    # a fed-back sample included
             starts.append(work.start_position)
-            lengths.append(len(work.token_ids))
+            lengths.append(work.num_tokens)
             tables.append(state.block_table)
             last_token.append(len(input_ids) - 1)
         meta = AttentionMetadata.build(starts, lengths, tables, self.block_size, self.device)
@@ -110,6 +110,7 @@ class ModelRunner:
                 continue
             samples = tuple(Sample(out.token_ids[r], out.logprobs[r], out.top_logprobs[r])
                             for r in range(row, row + work.num_samples))
+            self.seqs.record_sample(work.seq_id, samples[0].token_id)
             results.append(SequenceResult(work.seq_id, samples))
             row += work.num_samples
         return tuple(results)

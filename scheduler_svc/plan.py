@@ -48,8 +48,11 @@ class SequenceWork:
     """One sequence's share of the forward batch in a step.
 
     `token_ids` are the tokens whose K/V this step computes, at positions
-    `start_position .. start_position + len(token_ids) - 1`: a whole prompt, a prompt chunk, a prompt
-    plus generated tokens being recomputed, or the one token sampled last step.
+    `start_position .. start_position + num_tokens - 1`: a whole prompt, a prompt chunk, a prompt
+    plus generated tokens being recomputed, or the one token sampled last step. With
+    `feeds_last_sample` the last of those tokens is the one the executor itself sampled for this
+    sequence in its previous step, which the scheduler has not seen yet (async scheduling plans step
+    N+1 while step N runs); `token_ids` then holds only the tokens before it (none, when decoding).
     The executor's copy of the block table is updated as `table[block_table_start:] = block_ids`:
     the full table when the executor has not seen the sequence or it was swapped back in, only the
     appended ids in steady state, and the last id again after a copy-on-write replaced it.
@@ -63,6 +66,12 @@ class SequenceWork:
     num_samples: int                # 0: mid-prompt chunk, sample nothing; >1: parallel samples
     num_logprobs: int               # top-k logprobs to return with each sample
     start: SequenceStart | None = None
+    feeds_last_sample: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this step computes for the sequence, the fed-back sample included."""
+        return len(self.token_ids) + self.feeds_last_sample
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +108,7 @@ class StepPlan:
     @property
     def num_batched_tokens(self) -> int:
         """Tokens in the forward batch."""
-        return sum(len(w.token_ids) for w in self.sequences)
+        return sum(w.num_tokens for w in self.sequences)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ def plan_to_proto(plan: StepPlan) -> pb.StepPlan:
         item = msg.sequences.add(seq_id=work.seq_id, token_ids=work.token_ids,
                                  start_position=work.start_position, block_table_start=work.block_table_start,
                                  block_ids=work.block_ids, num_samples=work.num_samples,
-                                 num_logprobs=work.num_logprobs)
+                                 num_logprobs=work.num_logprobs, feeds_last_sample=work.feeds_last_sample)
         if work.start is not None:
             start = item.start
             for name in _START_FIELDS:
@@ -67,7 +67,7 @@ def plan_from_proto(msg: pb.StepPlan) -> StepPlan:
                                   suppressed_token_ids=tuple(s.suppressed_token_ids))
         sequences.append(SequenceWork(item.seq_id, list(item.token_ids), item.start_position,
                                       item.block_table_start, list(item.block_ids), item.num_samples,
-                                      item.num_logprobs, start))
+                                      item.num_logprobs, start, item.feeds_last_sample))
     return StepPlan(step_id=msg.step_id,
                     forks=[SequenceFork(f.parent_seq_id, f.child_seq_id, f.sample_index) for f in msg.forks],
                     swap_out=_mapping_from_proto(msg.swap_out), swap_in=_mapping_from_proto(msg.swap_in),

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from scheduler_svc.plan import MalformedPlanError, SequenceWork, StepPlan
 
-# Per known sequence: (tokens whose K/V are cached, entries of its block table).
-SequenceLengths = dict[int, tuple[int, int]]
+# Per known sequence: (tokens whose K/V are cached, entries of its block table, whether it holds a
+# sample from its last step that a plan may feed back).
+SequenceLengths = dict[int, tuple[int, int, bool]]
 
 
 def validate_plan(plan: StepPlan, known: SequenceLengths, block_size: int, num_gpu_blocks: int,
@@ -19,7 +20,8 @@ def validate_plan(plan: StepPlan, known: SequenceLengths, block_size: int, num_g
     for fork in plan.forks:
         if fork.parent_seq_id not in lengths:
             raise MalformedPlanError(f"fork: unknown parent sequence {fork.parent_seq_id}")
-        lengths[fork.child_seq_id] = lengths[fork.parent_seq_id]
+        history, table, _ = lengths[fork.parent_seq_id]
+        lengths[fork.child_seq_id] = (history, table, False)     # a child has sampled nothing yet
     for name, pairs, src_blocks, dst_blocks in (
             ("swap_out", plan.swap_out, num_gpu_blocks, num_cpu_blocks),
             ("swap_in", plan.swap_in, num_cpu_blocks, num_gpu_blocks),
@@ -38,9 +40,9 @@ def validate_plan(plan: StepPlan, known: SequenceLengths, block_size: int, num_g
 def _validate_work(work: SequenceWork, lengths: SequenceLengths, block_size: int,
                    num_gpu_blocks: int) -> None:
     if work.start is not None:
-        history, table = 0, 0
+        history, table, sampled = 0, 0, False
     elif work.seq_id in lengths:
-        history, table = lengths[work.seq_id]
+        history, table, sampled = lengths[work.seq_id]
     else:
         raise MalformedPlanError(f"unknown sequence {work.seq_id} (and no start given)")
     if work.block_table_start > table:
@@ -49,11 +51,15 @@ def _validate_work(work: SequenceWork, lengths: SequenceLengths, block_size: int
     if work.start_position != history:
         raise MalformedPlanError(f"seq {work.seq_id}: computes from position {work.start_position} "
                                  f"but {history} tokens are cached")
-    if not work.token_ids:
+    if work.feeds_last_sample and not sampled:
+        raise MalformedPlanError(f"seq {work.seq_id}: feeds back its last sample but sampled nothing "
+                                 "in its last step")
+    if not work.num_tokens:
         raise MalformedPlanError(f"seq {work.seq_id}: no tokens to compute")
-    last = work.start_position + len(work.token_ids) - 1
+    last = work.start_position + work.num_tokens - 1
     if work.block_table_start + len(work.block_ids) <= last // block_size:
         raise MalformedPlanError(f"seq {work.seq_id}: no block for position {last}")
     if any(not 0 <= b < num_gpu_blocks for b in work.block_ids):
         raise MalformedPlanError(f"seq {work.seq_id}: block id out of range in {work.block_ids}")
-    lengths[work.seq_id] = (history + len(work.token_ids), work.block_table_start + len(work.block_ids))
+    lengths[work.seq_id] = (history + work.num_tokens, work.block_table_start + len(work.block_ids),
+                            work.num_samples > 0)

@@ -22,6 +22,8 @@ class SequenceState:
     sample_index: int                                     # this sequence's random stream
     token_ids: list[int] = field(default_factory=list)    # tokens whose K/V are cached
     block_table: list[int] = field(default_factory=list)
+    # Sample 0 of this sequence's last step, which a plan made ahead may feed back as its next input.
+    last_sample: int | None = None
 
 
 class SequenceRegistry(dict[int, SequenceState]):
@@ -29,7 +31,8 @@ class SequenceRegistry(dict[int, SequenceState]):
 
     def validate(self, plan: StepPlan, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Raise MalformedPlanError if the plan does not fit what is held; changes nothing."""
-        known = {seq_id: (len(s.token_ids), len(s.block_table)) for seq_id, s in self.items()}
+        known = {seq_id: (len(s.token_ids), len(s.block_table), s.last_sample is not None)
+                 for seq_id, s in self.items()}
         validate_plan(plan, known, block_size, num_gpu_blocks, num_cpu_blocks)
 
     def apply_forks(self, forks: list[SequenceFork]) -> None:
@@ -40,14 +43,27 @@ class SequenceRegistry(dict[int, SequenceState]):
                                                     parent.block_table.copy())
 
     def begin_work(self, work: SequenceWork) -> SequenceState:
-        """Register or update the sequence for this step: table delta applied, history extended."""
+        """Register or update the sequence for this step: table delta applied, history extended.
+
+        The step's input tokens are the last `work.num_tokens` of the returned state's `token_ids`
+        (a fed-back sample included). The sequence's last sample is cleared: this step samples anew
+        or, mid-prompt, leaves nothing to feed back.
+        """
         if work.start is not None:
             state = self[work.seq_id] = SequenceState(work.start, work.start.sample_index)
         else:
             state = self[work.seq_id]
         state.block_table[work.block_table_start:] = work.block_ids
         state.token_ids.extend(work.token_ids)
+        if work.feeds_last_sample:
+            assert state.last_sample is not None, "validate the plan first"
+            state.token_ids.append(state.last_sample)
+        state.last_sample = None
         return state
+
+    def record_sample(self, seq_id: int, token_id: int) -> None:
+        """Keep sample 0 of this step: a plan made ahead may feed it back next step."""
+        self[seq_id].last_sample = token_id
 
     def forget(self, seq_ids: list[int]) -> None:
         """Drop finished, aborted and recomputed sequences."""

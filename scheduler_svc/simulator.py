@@ -90,7 +90,7 @@ class SimulatedExecutor:
         seq = self.seqs.begin_work(work)
         bs = self.block_size
         table = seq.block_table
-        for i, token in enumerate(work.token_ids):
+        for i, token in enumerate(seq.token_ids[-work.num_tokens:]):     # a fed-back sample included
             position = work.start_position + i
             self.gpu[table[position // bs] * bs + position % bs] = token
         if not work.num_samples:
@@ -98,6 +98,7 @@ class SimulatedExecutor:
         context = self._read_context(work.seq_id, seq)
         samples = tuple(self._sample(seq, seq.sample_index + j, context, work.num_logprobs)
                         for j in range(work.num_samples))
+        self.seqs.record_sample(work.seq_id, samples[0].token_id)
         return SequenceResult(work.seq_id, samples)
 
     def _read_context(self, seq_id: int, seq: SequenceState) -> list[int]:
