@@ -2,6 +2,12 @@
 
 Plain synchronous Python with no I/O: the engine calls `schedule()` for a StepPlan, sends it to the
 executors, and feeds their StepResult to `process_result()`; tests drive it the same way.
+
+Async scheduling: while one step runs, `schedule_ahead()` plans the next from what that step will
+leave (each decoding sequence one token longer) and the executors feed their own samples back as its
+inputs, so the scheduler's work overlaps the GPU's. Where the next step depends on the samples
+themselves (beam search, the fork of a parallel-sampling prompt) or would need a preemption, it
+declines and the engine falls back to one step at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ from scheduler_svc.stats import SchedulerStats
 from scheduler_svc.stop_checker import check_stop
 
 _SeqSamples = tuple[Sequence, tuple[Sample, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _StepInFlight:
+    """A plan sent to the executors and not yet answered, with the sequence behind each work item."""
+
+    plan: StepPlan
+    seqs: list[Sequence]            # seqs[i] is the sequence of plan.sequences[i]
 
 
 @dataclass(slots=True)
@@ -64,8 +78,8 @@ class Scheduler:
         self._next_seq_id = 1
         self._next_arrival = 0
         self._step_id = 0
-        self._in_flight: StepPlan | None = None
-        self._in_flight_seqs: list[Sequence] = []
+        self._in_flight: deque[_StepInFlight] = deque()     # oldest first; at most two
+        self._planning: list[Sequence] = []                   # the sequences of the plan being built
         self._pending_forks: list[SequenceFork] = []
         self._pending_forget: list[int] = []
         self._outputs: list[RequestOutput] = []
@@ -142,20 +156,59 @@ class Scheduler:
     # ---- scheduling ------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """Decide the next step. An empty plan means there is nothing to run."""
-        if self._in_flight is not None:
+        """Decide the next step once every step sent has been processed. An empty plan means there is
+        nothing to run."""
+        if self._in_flight:
             raise RuntimeError("schedule() called before the previous step's result was processed")
+        return self._plan()
+
+    def schedule_ahead(self) -> StepPlan | None:
+        """Plan the step after the one in flight before its result arrives (async scheduling).
+
+        Each sequence of the step in flight that samples is planned one token longer, its input being
+        that sample, which the executor feeds back itself. None when that cannot be done safely: a
+        beam search or a parallel-sampling prompt is running (the next step depends on which tokens
+        were drawn), or the running sequences' next slots need a preemption. None also when there is
+        nothing to run ahead. The engine then waits for the result and calls `schedule()`.
+        """
+        if len(self._in_flight) != 1 or not self._can_plan_ahead():
+            return None
+        plan = self._plan()
+        return None if plan.is_empty else plan
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        """Plans handed out whose results have not been processed."""
+        return len(self._in_flight)
+
+    def _can_plan_ahead(self) -> bool:
+        """Whether the next step's plan can be made before the step in flight reports."""
+        if self._pending_forks:
+            return False
+        bm = self.block_manager
+        need = 0
+        for group in self.running:
+            if group.is_finished:
+                continue
+            if group.params.use_beam_search or (group.needs_fork and group.params.num_sequences > 1):
+                return False
+            need += bm.blocks_to_append(group)
+        return need <= bm.gpu.num_free          # no running group is preempted by a plan made ahead
+
+    def _plan(self) -> StepPlan:
         self._step_id += 1
         plan = StepPlan(step_id=self._step_id, forks=self._pending_forks, forget_seq_ids=self._pending_forget)
         self._pending_forks, self._pending_forget = [], []
-        self._in_flight_seqs = []
+        self._planning = []
         budget = _Budget(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         preempted = self._schedule_running(plan, budget)
         if not preempted:
             self._schedule_swapped(plan, budget)
             if not self.swapped:
                 self._schedule_waiting(plan, budget)
-        self._in_flight = None if plan.is_empty else plan
+        if not plan.is_empty:
+            self._in_flight.append(_StepInFlight(plan, self._planning))
+        self._planning = []
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: _Budget) -> bool:
@@ -250,7 +303,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             num_running += 1
-            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            if seq.length_ends_in_flight(self.max_model_len):
+                continue                    # its last token is being sampled now
+            remaining = seq.num_tokens_ahead - seq.num_scheduled_tokens
+            if remaining <= 0:
+                continue
             if remaining == 1:
                 if hold_back:
                     continue
@@ -274,24 +331,32 @@ class Scheduler:
         """Prompt tokens the group's running sequences still have to compute (decodes excluded)."""
         total = 0
         for seq in group.seqs:
-            remaining = len(seq.token_ids) - seq.num_computed_tokens
+            remaining = seq.num_tokens_ahead - seq.num_scheduled_tokens
             if seq.status is SequenceStatus.RUNNING and remaining > 1:
                 total += remaining
         return total
 
     def _emit(self, plan: StepPlan, seq: Sequence, num_tokens: int, num_samples: int) -> None:
-        """Add one sequence's work to the plan, sending only the block-table entries the executor lacks."""
-        start = seq.num_computed_tokens
+        """Add one sequence's work to the plan, sending only the block-table entries the executor lacks.
+
+        A token past the ones the scheduler holds is the sample of the step in flight: the executor
+        feeds it back.
+        """
+        start = seq.num_scheduled_tokens
+        end = start + num_tokens
         known = seq.executor_table_len
         table_start = known if known > 0 else 0
-        work = SequenceWork(seq_id=seq.seq_id, token_ids=seq.token_ids[start:start + num_tokens],
+        work = SequenceWork(seq_id=seq.seq_id, token_ids=seq.token_ids[start:end],
                             start_position=start, block_table_start=table_start,
                             block_ids=seq.block_table[table_start:], num_samples=num_samples,
                             num_logprobs=seq.group.params.num_top_logprobs_needed,
-                            start=self._sequence_start(seq) if known < 0 else None)
+                            start=self._sequence_start(seq) if known < 0 else None,
+                            feeds_last_sample=end > len(seq.token_ids))
         seq.executor_table_len = len(seq.block_table)
+        seq.num_in_flight_tokens += num_tokens
+        seq.num_pending_samples += num_samples > 0
         plan.sequences.append(work)
-        self._in_flight_seqs.append(seq)
+        self._planning.append(seq)
 
     def _sequence_start(self, seq: Sequence) -> SequenceStart:
         group = seq.group
@@ -364,8 +429,10 @@ class Scheduler:
         reproducible sampling (seed, token index) gives the same outputs again. Returns how many
         groups were requeued.
         """
-        self._in_flight = None
-        self._in_flight_seqs = []
+        for step in self._in_flight:
+            for seq in step.seqs:
+                seq.num_in_flight_tokens = seq.num_pending_samples = 0
+        self._in_flight.clear()
         self._pending_forks, self._pending_forget = [], []   # the executors start with no sequences
         groups = [g for g in self.running if not g.is_finished] + self.swapped
         self.running, self.swapped = [], []
@@ -374,8 +441,10 @@ class Scheduler:
         return len(groups)
 
     def in_flight_request_ids(self) -> list[str]:
-        """Requests with a sequence in the plan now running on the executors."""
-        return list(dict.fromkeys(seq.group.request_id for seq in self._in_flight_seqs))
+        """Requests with a sequence in the oldest plan in flight (the step whose result is awaited)."""
+        if not self._in_flight:
+            return []
+        return list(dict.fromkeys(seq.group.request_id for seq in self._in_flight[0].seqs))
 
     def fail_requests(self, request_ids: Iterable[str], kind: RequestErrorKind, message: str) -> None:
         """End these live requests with an error report (unknown ids are skipped)."""
@@ -398,11 +467,12 @@ class Scheduler:
     # ---- results ---------------------------------------------------------------------------------
 
     def process_result(self, result: StepResult) -> list[RequestOutput]:
-        """Apply an executor's result to the plan in flight; returns the reports to stream."""
-        plan = self._in_flight
-        if plan is None or result.step_id != plan.step_id:
-            raise PlanResultMismatchError(
-                f"result for step {result.step_id} but step {plan.step_id if plan else None} is in flight")
+        """Apply an executor's result to the oldest plan in flight; returns the reports to stream."""
+        step = self._in_flight[0] if self._in_flight else None
+        if step is None or result.step_id != step.plan.step_id:
+            raise PlanResultMismatchError(f"result for step {result.step_id} but step "
+                                          f"{step.plan.step_id if step else None} is the oldest in flight")
+        plan = step.plan
         by_seq = {r.seq_id: r.samples for r in result.sequences}
         sampled = 0
         for work in plan.sequences:
@@ -414,16 +484,17 @@ class Scheduler:
         if sampled != len(by_seq):
             raise PlanResultMismatchError(
                 f"step {plan.step_id}: the result names sequences the plan did not sample")
-        self._in_flight = None
+        self._in_flight.popleft()
         touched: dict[SequenceGroup, list[_SeqSamples]] = {}
         finished = SequenceStatus.FINISHED
-        for work, seq in zip(plan.sequences, self._in_flight_seqs, strict=True):
-            if seq.status is finished:      # aborted while the step ran
+        for work, seq in zip(plan.sequences, step.seqs, strict=True):
+            seq.num_in_flight_tokens -= work.num_tokens
+            seq.num_pending_samples -= work.num_samples > 0
+            if seq.status is finished:      # ended (abort, stop string, EOS) while the step ran
                 continue
-            seq.num_computed_tokens += len(work.token_ids)
+            seq.num_computed_tokens += work.num_tokens
             if work.num_samples:
                 touched.setdefault(seq.group, []).append((seq, by_seq[work.seq_id]))
-        self._in_flight_seqs = []
         for group, items in touched.items():
             if not group.is_finished:
                 self._apply_samples(group, items)

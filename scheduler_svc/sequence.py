@@ -33,12 +33,17 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose K/V are in the cache; the scheduler computes the rest.
     In steady-state decoding that is the one token sampled last step.
+
+    Steps sent but not yet answered are counted apart: `num_in_flight_tokens` tokens are being
+    computed, and `num_pending_samples` tokens (one per sampling step in flight) will be appended when
+    they report. With async scheduling the next step is planned from those counts before the answer
+    arrives.
     """
 
     __slots__ = (
         "block_table", "cumulative_logprob", "executor_table_len", "finish_reason", "group",
-        "num_computed_tokens", "output_logprobs", "prompt_len", "sample_index",
-        "seq_id", "status", "stop_reason", "token_ids",
+        "num_computed_tokens", "num_in_flight_tokens", "num_pending_samples", "output_logprobs",
+        "prompt_len", "sample_index", "seq_id", "status", "stop_reason", "token_ids",
     )
 
     def __init__(self, seq_id: int, group: SequenceGroup, token_ids: list[int], prompt_len: int,
@@ -49,6 +54,8 @@ class Sequence:
         self.prompt_len = prompt_len
         self.sample_index = sample_index            # selects this sequence's random stream
         self.num_computed_tokens = 0
+        self.num_in_flight_tokens = 0
+        self.num_pending_samples = 0
         self.status = SequenceStatus.WAITING
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = []
@@ -63,6 +70,26 @@ class Sequence:
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""
         return len(self.token_ids)
+
+    @property
+    def num_tokens_ahead(self) -> int:
+        """Tokens the sequence will have once the steps in flight report (their samples included)."""
+        return len(self.token_ids) + self.num_pending_samples
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens whose K/V are cached or being computed by a step in flight."""
+        return self.num_computed_tokens + self.num_in_flight_tokens
+
+    def length_ends_in_flight(self, max_model_len: int) -> bool:
+        """Whether the sample in flight will end this sequence by max_tokens or max_model_len.
+
+        Such a sequence needs no further step; only EOS and stop tokens cannot be foreseen.
+        """
+        if not self.num_pending_samples:
+            return False
+        ahead = self.num_tokens_ahead
+        return ahead - self.prompt_len >= self.group.params.max_tokens or ahead >= max_model_len
 
     @property
     def output_len(self) -> int:

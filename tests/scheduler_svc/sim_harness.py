@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.outputs import RequestOutput
-from scheduler_svc.plan import StepPlan
+from scheduler_svc.plan import StepPlan, StepResult
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.simulator import FinishedRequest, SimulatedExecutor, collect
 
@@ -13,37 +15,67 @@ VOCAB = 100
 
 
 class Harness:
-    """A scheduler and a simulated executor with matching pools, stepped together."""
+    """A scheduler and a simulated executor with matching pools, stepped together.
+
+    With `async_scheduling` it steps like the engine does: the next plan is made ahead while one step
+    is in flight, the executor runs each plan as it is sent, and results are processed in order.
+    """
 
     def __init__(self, num_gpu_blocks: int = 64, num_cpu_blocks: int = 64, block_size: int = 4,
-                 max_model_len: int = 256, eos_probability: float = 0.0, **config: object) -> None:
+                 max_model_len: int = 256, eos_probability: float = 0.0, async_scheduling: bool = False,
+                 **config: object) -> None:
         config.setdefault("max_num_batched_tokens", max(256, max_model_len))
         self.config = SchedulerConfig(block_size=block_size, max_model_len=None, **config)
         self.scheduler = Scheduler(self.config, num_gpu_blocks, num_cpu_blocks, max_model_len,
                                    eos_token_ids=[EOS], vocab_size=VOCAB, seed=7)
         self.executor = SimulatedExecutor(num_gpu_blocks, num_cpu_blocks, block_size, vocab_size=VOCAB,
                                           eos_token_id=EOS, eos_probability=eos_probability)
+        self.async_scheduling = async_scheduling
         self.done: dict[str, FinishedRequest] = {}
         self.plans: list[StepPlan] = []
+        self.planned_ahead = 0
+        self._results: deque[StepResult] = deque()     # answers to the plans in flight, oldest first
 
-    def step(self) -> tuple[StepPlan, list[RequestOutput]]:
-        """One iteration: schedule, execute, process; integrity is checked after it."""
-        plan = self.scheduler.schedule()
-        outputs = self.scheduler.pop_outputs()
-        if not plan.is_empty:
-            self.plans.append(plan)
-            outputs += self.scheduler.process_result(self.executor.execute(plan))
+    @property
+    def idle(self) -> bool:
+        """No request is live and no step is in flight."""
+        return not self.scheduler.has_unfinished and not self.scheduler.num_steps_in_flight
+
+    def step(self) -> tuple[StepPlan | None, list[RequestOutput]]:
+        """One iteration: schedule (and, async, plan ahead), execute, process the oldest result.
+
+        Integrity is checked after it. Returns the plan made by `schedule()` (None when a step was
+        already in flight) and the reports.
+        """
+        scheduler = self.scheduler
+        plan = None
+        if not scheduler.num_steps_in_flight:
+            plan = scheduler.schedule()
+            if not plan.is_empty:
+                self._send(plan)
+        if self.async_scheduling:
+            ahead = scheduler.schedule_ahead()
+            if ahead is not None:
+                self.planned_ahead += 1
+                self._send(ahead)
+        outputs = scheduler.pop_outputs()
+        if self._results:
+            outputs += scheduler.process_result(self._results.popleft())
         collect(outputs, self.done)
-        self.scheduler.check_integrity()
+        scheduler.check_integrity()
         return plan, outputs
+
+    def _send(self, plan: StepPlan) -> None:
+        self.plans.append(plan)
+        self._results.append(self.executor.execute(plan))
 
     def run(self, max_steps: int = 5000) -> dict[str, FinishedRequest]:
         """Step until every request has ended; fails if that takes more than `max_steps`."""
         for _ in range(max_steps):
-            if not self.scheduler.has_unfinished:
+            if self.idle:
                 break
             self.step()
-        assert not self.scheduler.has_unfinished, "requests still live after max_steps: a hang"
+        assert self.idle, "requests still live after max_steps: a hang"
         bm = self.scheduler.block_manager
         assert bm.gpu.num_free == bm.gpu.num_blocks and bm.cpu.num_free == bm.cpu.num_blocks
         return self.done

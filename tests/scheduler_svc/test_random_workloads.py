@@ -67,6 +67,7 @@ def workloads(draw):
         "max_num_batched_tokens": draw(st.integers(4, 64)) if chunked else MAX_MODEL_LEN,
         "max_num_seqs": draw(st.integers(3, 16)),
         "watermark": draw(st.sampled_from([0.0, 0.01, 0.1])),
+        "async_scheduling": draw(st.booleans()),
     }
     return config, draw(st.lists(request_specs(), min_size=1, max_size=10))
 
@@ -83,7 +84,7 @@ def run(config: dict, specs: list[RequestSpec], aborts: bool, eos_probability: f
                 assert h.scheduler.abort(f"r{i}")
                 aborted.add(f"r{i}")
                 collect(h.scheduler.pop_outputs(), h.done)
-        if step > max(s.arrival_step for s in specs) and not h.scheduler.has_unfinished:
+        if step > max(s.arrival_step for s in specs) and h.idle:
             break
         h.step()
         step += 1
@@ -122,7 +123,7 @@ def test_random_workloads_keep_every_invariant_and_reproduce_unconstrained_outpu
     constrained, aborted = run(config, specs, aborts=True)
     roomy = dict(config, num_gpu_blocks=4096 // config["block_size"] * 4, max_num_seqs=64,
                  num_cpu_blocks=0, enable_chunked_prefill=False, max_num_batched_tokens=MAX_MODEL_LEN,
-                 reservation=ReservationMode.PAGED)
+                 reservation=ReservationMode.PAGED, async_scheduling=False)
     reference, _ = run(roomy, specs, aborts=False)
     for request_id, done in constrained.done.items():
         if done.error is not None:

@@ -86,9 +86,10 @@ def test_plans_send_the_block_table_in_full_once_then_only_new_blocks():
     assert work.start is not None and work.block_table_start == 0 and work.block_ids == table
     assert work.start.num_prompt_tokens == 7
     s.process_result(answer(plan))          # 8 tokens: the new one goes in slot 7 of block 1
-    (work,) = s.schedule().sequences
+    plan = s.schedule()
+    (work,) = plan.sequences
     assert work.start is None and work.block_ids == [] and work.token_ids == [7]
-    s.process_result(answer(s._in_flight))  # 9 tokens: slot 8 opens block 2
+    s.process_result(answer(plan))          # 9 tokens: slot 8 opens block 2
     (work,) = s.schedule().sequences
     assert work.block_table_start == 2 and work.block_ids == [table[2]]
 
