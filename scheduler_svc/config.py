@@ -79,6 +79,7 @@ class SchedulerConfig:
     tls_key_file: str = ""
     auth_token: str = ""
     metrics_port: int = 9400
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         # Any power of two works for scheduling; the executor checks what its kernels support.
@@ -149,7 +150,8 @@ class SchedulerConfig:
 
 SERVING_FIELDS = ("host", "port", "executor_addresses", "model", "served_model_name", "max_waiting_requests",
                   "max_request_bytes", "executor_grace_seconds", "startup_timeout_seconds",
-                  "shutdown_grace_seconds", "tls_cert_file", "tls_key_file", "auth_token", "metrics_port")
+                  "shutdown_grace_seconds", "tls_cert_file", "tls_key_file", "auth_token", "metrics_port",
+                  "async_scheduling")
 
 
 def _check(condition: bool, name: str, message: str) -> None:

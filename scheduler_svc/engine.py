@@ -7,6 +7,12 @@ request streams (detokenization, stop strings, client pushes). That overlap is s
 sequence a stop string ends while its next step is in flight is simply skipped when that step's
 result arrives, exactly like an abort.
 
+With `async_scheduling` the engine also plans step N+1 and sends it before step N's result arrives
+(`Scheduler.schedule_ahead`), so the ranks start it as soon as step N ends: scheduling, result
+processing and the request streams all run while the GPU computes, and only the ranks' own per-step
+host work is left between two forward passes. Where a plan cannot be made ahead the engine waits for
+the result, as without the option.
+
 When a rank fails (its stream breaks, it dies, or it rejects a plan), the engine reports NOT_SERVING,
 keeps every live request, drops the step in flight, and reconnects. Once every rank serves again the
 requests are recomputed from the tokens they had (DESIGN.md invariant 4). Past
@@ -21,6 +27,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -78,11 +85,22 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class _SentStep:
+    """A plan sent to the ranks: when its iteration began and what the scheduler looked like then."""
+
+    plan: StepPlan
+    started: float              # perf_counter when scheduling it began
+    schedule_seconds: float
+    sent: float                 # perf_counter when it was on its way to every rank
+    batch: Any                  # SchedulerStats before its results retire finished requests
+
+
+@dataclass(frozen=True, slots=True)
 class StepTiming:
     """Where one iteration's time went, in seconds."""
 
     schedule: float
-    step: float            # plan sent to every rank until every result arrived
+    step: float            # plan sent to every rank until every result arrived (queueing included)
     executor_forward: float
     executor_swap: float
 
@@ -109,6 +127,8 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending: list[RequestOutput] = []
+        self._sent: deque[_SentStep] = deque()        # plans in flight, oldest first
+        self._last_result = 0.0                       # perf_counter when the last result arrived
         self._throughput = _ThroughputLog()
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -236,52 +256,81 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Iterate while requests are live; sleep when idle; recover when a rank fails."""
+        """Iterate while requests are live or a step is in flight; sleep when idle; recover when a
+        rank fails."""
         assert self.scheduler is not None
         scheduler = self.scheduler
         while True:
-            if not scheduler.has_unfinished:
-                self._dispatch(self._take_pending())
-                self._record_stats()
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            started = time.perf_counter()
-            plan = scheduler.schedule()
-            schedule_seconds = time.perf_counter() - started
-            if plan.is_empty:
-                self._dispatch(self._take_pending())
-                await asyncio.sleep(0)
-                continue
+            if not scheduler.num_steps_in_flight:
+                if not scheduler.has_unfinished:
+                    self._dispatch(self._take_pending())
+                    self._record_stats()
+                    await self._wake.wait()
+                    self._wake.clear()
+                    continue
+                started = time.perf_counter()
+                plan = scheduler.schedule()
+                if plan.is_empty:
+                    self._dispatch(self._take_pending())
+                    await asyncio.sleep(0)
+                    continue
+            else:
+                plan, started = None, 0.0
             try:
-                await self._step(plan, started, schedule_seconds)
+                if plan is not None:
+                    await self._send(plan, started)
+                await self._step()
             except (grpc.RpcError, ExecutorStepError) as err:
                 await self._recover(err)
 
-    async def _step(self, plan: StepPlan, started: float, schedule_seconds: float) -> None:
-        """Run one plan on every rank and process its results; `started` is when scheduling began."""
+    async def _send(self, plan: StepPlan, started: float) -> None:
+        """Send a plan to every rank; `started` is when scheduling it began."""
         assert self.scheduler is not None
+        schedule_seconds = time.perf_counter() - started
         batch = self.scheduler.stats()         # before results retire finished requests
         message = plan_to_proto(plan)
-        sent = time.perf_counter()
         await asyncio.gather(*(link.send(message) for link in self.links))
+        self._sent.append(_SentStep(plan, started, schedule_seconds, time.perf_counter(), batch))
+
+    async def _step(self) -> None:
+        """Plan ahead when allowed, hand out the last reports, then take the oldest step's results."""
+        assert self.scheduler is not None
+        if self.config.async_scheduling:
+            started = time.perf_counter()
+            ahead = self.scheduler.schedule_ahead()
+            if ahead is not None:
+                await self._send(ahead, started)
         self._dispatch(self._take_pending())          # overlaps with the ranks' compute
         results = await asyncio.gather(*(link.receive() for link in self.links))
-        step_seconds = time.perf_counter() - sent
+        received = time.perf_counter()
         for rank, other in enumerate(results[1:], start=1):
             if other.error:
                 raise ExecutorStepError(f"rank {rank}, step {other.step_id}: {other.error}")
         # Every rank samples the same tokens; rank 0's error, if any, is raised by the decoder.
         result = result_from_proto(results[0])
         self._pending = self.scheduler.process_result(result)
-        self.last_step = StepTiming(schedule_seconds, step_seconds, results[0].forward_seconds,
-                                    results[0].swap_seconds)
-        prompt_tokens = sum(len(w.token_ids) for w in plan.sequences if w.num_samples == 0
-                            or len(w.token_ids) > 1)
+        sent = self._sent.popleft()
+        self._record_step(sent, result, received)
+
+    def _record_step(self, sent: _SentStep, result: StepResult, received: float) -> None:
+        """Metrics of one answered step.
+
+        Its iteration runs from when scheduling it began, or from the previous result when that came
+        later (a plan made ahead waits behind the step before it), to the end of processing its result.
+        """
+        assert self.scheduler is not None
+        plan = sent.plan
+        self.last_step = StepTiming(sent.schedule_seconds, received - sent.sent, result.forward_seconds,
+                                    result.swap_seconds)
+        prompt_tokens = sum(w.num_tokens for w in plan.sequences if w.num_samples == 0 or w.num_tokens > 1)
         generated = sum(w.num_samples for w in plan.sequences)
-        iteration_seconds = time.perf_counter() - started
-        self.metrics.record_step(iteration_seconds, schedule_seconds, step_seconds, prompt_tokens, generated)
-        self.metrics.record_iteration(batch, iteration_seconds - result.forward_seconds - result.swap_seconds,
+        now = time.perf_counter()
+        iteration_seconds = now - max(sent.started, self._last_result)
+        self._last_result = now
+        self.metrics.record_step(iteration_seconds, sent.schedule_seconds, received - sent.sent,
+                                 prompt_tokens, generated)
+        self.metrics.record_iteration(sent.batch,
+                                      iteration_seconds - result.forward_seconds - result.swap_seconds,
                                       _roofline_ratio(result))
         self._record_stats()
         self._throughput.add(prompt_tokens, generated, iteration_seconds, self.scheduler)
@@ -339,6 +388,7 @@ class Engine:
             self.scheduler.fail_requests(self.scheduler.in_flight_request_ids(), RequestErrorKind.INTERNAL,
                                          message)
         requeued = self.scheduler.requeue_after_executor_loss()
+        self._sent.clear()
         self._dispatch(self._take_pending())
         self._set_serving(False)
         for link in self.links:
