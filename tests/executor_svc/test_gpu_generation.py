@@ -26,7 +26,7 @@ logits are often only a few tenths apart.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from executor_svc.config import ExecutorConfig  # noqa: E402
 from executor_svc.model_backend import ModelBackend  # noqa: E402
 from scheduler_svc.config import SchedulerConfig  # noqa: E402
 from scheduler_svc.outputs import RequestOutput, TokenLogprobs  # noqa: E402
+from scheduler_svc.plan import StepPlan, StepResult  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
 
@@ -193,12 +194,13 @@ def kernel_calls(monkeypatch) -> KernelCalls:
 
 
 @pytest.fixture
-def backend_factory() -> Iterator[Callable[[Path, str], ModelBackend]]:
+def backend_factory() -> Iterator[Callable[..., ModelBackend]]:
     """Model backends on CUDA, released after the test so that the next one profiles an empty device."""
     backends: list[ModelBackend] = []
 
-    def make(path: Path, dtype: str) -> ModelBackend:
-        backend = ModelBackend(ExecutorConfig(model=str(path), device=DEVICE, dtype=dtype))
+    def make(path: Path, dtype: str, cuda_graphs: bool = False) -> ModelBackend:
+        backend = ModelBackend(ExecutorConfig(model=str(path), device=DEVICE, dtype=dtype,
+                                              cuda_graphs=cuda_graphs))
         backends.append(backend)
         return backend
 
@@ -244,11 +246,13 @@ def fold(reports: list[RequestOutput], into: dict[str, Output]) -> None:
         output.finished = report.finished
 
 
-def serve_greedy(backend: ModelBackend, block_size: int, calls: KernelCalls) -> Run:
+def serve_greedy(backend: ModelBackend, block_size: int, calls: KernelCalls, plan_ahead: bool = False) -> Run:
     """Every prompt through the real scheduler and `backend`, greedy, MAX_NEW tokens each.
 
     `calls` is cleared once the cache is set up, so it counts the serving steps only (the profiling
-    forward pass of init_cache runs the kernels too).
+    forward pass of init_cache runs the kernels too). With `plan_ahead` the steps are planned as the
+    engine's async scheduling plans them: the next plan is made and run before the last one's result
+    is processed, and the executor feeds its own samples back.
     """
     cache = backend.init_cache(block_size, GPU_MEMORY_UTILIZATION, 0, MAX_BATCHED_TOKENS + MAX_NUM_SEQS)
     calls.counts.clear()
@@ -265,35 +269,52 @@ def serve_greedy(backend: ModelBackend, block_size: int, calls: KernelCalls) -> 
                                                               ignore_eos=True, logprobs=NUM_LOGPROBS))
     done: dict[str, Output] = {}
     steps = decode_steps = peak = 0
-    while scheduler.has_unfinished:
-        plan = scheduler.schedule()
-        fold(scheduler.pop_outputs(), done)
-        if plan.is_empty:
-            continue
+    results: deque[StepResult] = deque()
+
+    def run(plan: StepPlan) -> None:
+        nonlocal steps, decode_steps, peak
         if plan.sequences:
             steps += 1
-            decode_steps += all(len(work.token_ids) == 1 for work in plan.sequences)
+            decode_steps += all(work.num_tokens == 1 for work in plan.sequences)
         peak = max(peak, scheduler.stats().gpu_blocks_used)    # before finished requests free theirs
-        fold(scheduler.process_result(backend.execute(plan)), done)
+        results.append(backend.execute(plan))
+
+    while scheduler.has_unfinished or scheduler.num_steps_in_flight:
+        if not scheduler.num_steps_in_flight:
+            plan = scheduler.schedule()
+            fold(scheduler.pop_outputs(), done)
+            if plan.is_empty:
+                continue
+            run(plan)
+        ahead = scheduler.schedule_ahead() if plan_ahead else None
+        if ahead is not None:
+            run(ahead)
+        fold(scheduler.process_result(results.popleft()), done)
     stats = scheduler.stats()
     assert stats.num_preemptions_swap == stats.num_preemptions_recompute == 0
     return Run(outputs=[done[f"r{i}"] for i in range(len(PROMPT_LENGTHS))], steps=steps,
                decode_steps=decode_steps, peak_blocks=peak, num_layers=described.num_layers)
 
 
-def check_run_shape(run: Run, calls: KernelCalls, block_size: int, attention_kernel: bool) -> None:
+def check_run_shape(run: Run, calls: KernelCalls, block_size: int, attention_kernel: bool,
+                    graphs: bool = False) -> None:
     """One prefill step, then MAX_NEW - 1 steps decoding the whole batch; every step's K/V written by our
-    kernel, and with `attention_kernel` every step's attention (prefill and decode) computed by it too."""
+    kernel, and with `attention_kernel` every step's attention (prefill and decode) computed by it too.
+
+    With `graphs` the decode steps replay CUDA graphs, whose kernel launches bypass the Python-level
+    count: only the prefill step is counted then.
+    """
     assert run.steps == MAX_NEW and run.decode_steps == MAX_NEW - 1, (run.steps, run.decode_steps)
     assert all(o.finished and len(o.token_ids) == len(o.logprobs) == MAX_NEW for o in run.outputs)
     # Blocks for every token but the last of each sequence (its K/V is never computed).
     assert run.peak_blocks == sum(-(-(n + MAX_NEW - 1) // block_size) for n in PROMPT_LENGTHS)
-    layer_steps = run.num_layers * run.steps
-    assert calls.cache_writes == layer_steps, calls.counts
+    counted_decode_steps = 0 if graphs else run.decode_steps
+    prefill_steps = run.steps - run.decode_steps
+    assert calls.cache_writes == run.num_layers * (prefill_steps + counted_decode_steps), calls.counts
     if attention_kernel:
         # The prefill step of prompts this long goes through the gather + FA2 path instead.
         prefill_on_ours = max(PROMPT_LENGTHS) < FLASH_PREFILL_MIN_QUERY_LEN
-        expected = run.num_layers * (run.decode_steps + (run.steps - run.decode_steps) * prefill_on_ours)
+        expected = run.num_layers * (counted_decode_steps + prefill_steps * prefill_on_ours)
         assert calls.attention == expected, f"steps did not all run our attention kernel: {calls.counts}"
 
 
@@ -375,13 +396,17 @@ def test_float32_greedy_equals_hf_generate_on_cuda(checkpoint, block_size: int, 
         check_against_hf(reference, run.outputs[i], LOGPROB_TOLERANCE["float32"], label)
 
 
+@pytest.mark.parametrize("serving", ("eager", "graphs-ahead"))
 @pytest.mark.parametrize("block_size", (8, 16))
 @pytest.mark.parametrize("dtype", ("float16", "bfloat16"))
-def test_half_precision_greedy_follows_hf_on_cuda(checkpoint, dtype: str, block_size: int, kernel_calls,
-                                                  backend_factory) -> None:
+def test_half_precision_greedy_follows_hf_on_cuda(checkpoint, dtype: str, block_size: int, serving: str,
+                                                  kernel_calls, backend_factory) -> None:
+    """Eager steps planned one at a time, and the serving default: CUDA graphs with steps planned ahead."""
     family, path = checkpoint
-    run = serve_greedy(backend_factory(path, dtype), block_size, kernel_calls)
-    check_run_shape(run, kernel_calls, block_size, attention_kernel=True)
+    production = serving == "graphs-ahead"
+    run = serve_greedy(backend_factory(path, dtype, cuda_graphs=production), block_size, kernel_calls,
+                       plan_ahead=production)
+    check_run_shape(run, kernel_calls, block_size, attention_kernel=True, graphs=production)
     hf = hf_on_device(path, dtype)
     for i, prompt in enumerate(prompts()):
         reference = hf_logprobs(hf, prompt, run.outputs[i].token_ids)
