@@ -49,7 +49,7 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
 LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
               "num_attention_heads": 40, "num_key_value_heads": 40}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PHASES = ("main", "profile", "peers", "reservation", "blocksize", "preemption", "sharing", "online")
+PHASES = ("main", "async", "profile", "peers", "reservation", "blocksize", "preemption", "sharing", "online")
 READY_TIMEOUT_S = 900.0
 
 
@@ -68,6 +68,7 @@ class SuiteOptions:
     peer_static_requests: int
     static_batch_size: int
     max_num_seqs: int               # main phase
+    cuda_graph_max_batch: int       # decode batches up to this size replay CUDA graphs
     sharing_requests: int
     online_requests: int
     online_rates: dict[str, list[float]]
@@ -105,7 +106,8 @@ class Suite:
         """One executor process for every PagedServe phase."""
         config = ExecutorConfig(model=str(self.o.model_dir), load_format=self.o.load_format,
                                 device=self.o.device, dtype=self.o.dtype, port=free_port("127.0.0.1"),
-                                metrics_port=-1, max_model_len=self.o.max_model_len)
+                                metrics_port=-1, max_model_len=self.o.max_model_len,
+                                cuda_graph_max_batch=self.o.cuda_graph_max_batch)
         spec = ServiceSpec("executor-0", (sys.executable, "-m", "executor_svc"),
                            config_environment(config, EXECUTOR_ENV_PREFIX))
         self.executor = LocalStack([spec], restart_executors=False)
@@ -176,6 +178,13 @@ class Suite:
         """The headline run: ShareGPT-like, offline, PagedAttention with block 16."""
         self.bench("main", "pagedserve", [self.sharegpt(self.o.num_requests)],
                    max_num_seqs=self.o.max_num_seqs)
+
+    def scheduling(self) -> None:
+        """The main trace one step at a time, then with the next plan made while a step runs."""
+        for planned_ahead in (False, True):
+            self.bench("async", f"pagedserve {'async' if planned_ahead else 'sync'} scheduling",
+                       [self.sharegpt(self.o.num_requests)], max_num_seqs=self.o.max_num_seqs,
+                       async_scheduling=planned_ahead)
 
     def reservation(self) -> None:
         """The paper's memory comparison: paging against contiguous reservation (Orca Max/Pow2/Oracle).
@@ -259,7 +268,8 @@ class Suite:
 
 def run_phases(suite: Suite, phases: list[str]) -> None:
     """Our phases first (one executor for all), then the ones that need the GPU to themselves."""
-    ours: dict[str, Callable[[], None]] = {"main": suite.main, "reservation": suite.reservation,
+    ours: dict[str, Callable[[], None]] = {"main": suite.main, "async": suite.scheduling,
+                                           "reservation": suite.reservation,
                                            "blocksize": suite.blocksize, "preemption": suite.preemption,
                                            "sharing": suite.sharing, "online": suite.online}
     for phase in phases:
@@ -296,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peer-static-requests", type=int, default=64)
     parser.add_argument("--static-batch-size", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="the main phase's sequence cap")
+    parser.add_argument("--cuda-graph-max-batch", type=int, default=256,
+                        help="the executor's largest CUDA-graph decode batch (raise with --max-num-seqs)")
     parser.add_argument("--sharing-requests", type=int, default=200)
     parser.add_argument("--online-requests", type=int, default=100)
     parser.add_argument("--online-rates", default="pagedserve=8,16,32,64;hf-continuous=2,4,8;hf-static=1,2,4",
@@ -333,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len, num_requests=args.num_requests,
         ablation_requests=args.ablation_requests, peer_continuous_requests=args.peer_continuous_requests,
         peer_static_requests=args.peer_static_requests, static_batch_size=args.static_batch_size,
-        max_num_seqs=args.max_num_seqs, sharing_requests=args.sharing_requests,
+        max_num_seqs=args.max_num_seqs, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        sharing_requests=args.sharing_requests,
         online_requests=args.online_requests, online_rates=online_rates(args.online_rates),
         gpu_memory_utilization=args.gpu_memory_utilization,
         pressure_memory_utilization=args.pressure_memory_utilization, out=args.out)
