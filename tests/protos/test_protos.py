@@ -197,6 +197,7 @@ def full_step_plan() -> executor_pb2.StepPlan:
         num_samples=2,
         num_logprobs=4,
         start=start,
+        feeds_last_sample=True,
     )
     return executor_pb2.StepPlan(
         step_id=12345,

@@ -17,6 +17,7 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
+from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import FinishReason
@@ -155,3 +156,12 @@ def test_the_executor_feeds_back_only_a_sample_it_holds():
     registry.validate(ahead, 4, 8, 0)
     state = registry.begin_work(ahead.sequences[0])
     assert state.token_ids == [10, 11, 42] and state.last_sample is None
+
+
+def test_a_plan_made_ahead_crosses_the_wire_unchanged():
+    s = scheduler()
+    s.add_request("r", [10, 11, 12], SamplingParams(max_tokens=8))
+    s.schedule()
+    ahead = s.schedule_ahead()
+    assert ahead.sequences[0].feeds_last_sample
+    assert plan_from_proto(plan_to_proto(ahead)) == ahead
