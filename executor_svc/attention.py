@@ -17,9 +17,11 @@ computes `query_lens[i]` new tokens that sit at the end of its `seq_lens[i]` tok
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from executor_svc import flash_prefill, ops
@@ -76,8 +78,6 @@ class AttentionMetadata:
                 positions.append(p)
                 slots.append(table[p // block_size] * block_size + p % block_size)
         seq_lens = [s + n for s, n in zip(start_positions, query_lens, strict=True)]
-        width = max((len(t) for t in block_tables), default=0)
-        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
@@ -85,13 +85,27 @@ class AttentionMetadata:
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        tables = torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width)
+        tables = torch.from_numpy(_padded_tables(block_tables)).to(device)
         return cls(slot_mapping=tensor(slots, torch.int64), positions=tensor(positions, torch.int64),
                    query_start_loc=tensor(starts, torch.int64), seq_lens=tensor(seq_lens, torch.int64),
                    block_tables=tables,
                    block_size=block_size, max_query_len=max(query_lens, default=0),
                    max_seq_len=max(seq_lens, default=0), query_lens_list=tuple(query_lens),
                    seq_lens_list=tuple(seq_lens))
+
+
+def _padded_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """The tables as one [S, longest] int32 array padded with 0.
+
+    Built with one flat copy and a mask rather than per-element Python: this runs on every step, for
+    every sequence, before the GPU can start.
+    """
+    lengths = np.fromiter(map(len, block_tables), np.int64, len(block_tables))       # [S]
+    width = int(lengths.max()) if len(lengths) else 0
+    flat = np.fromiter(itertools.chain.from_iterable(block_tables), np.int32, int(lengths.sum()))
+    tables = np.zeros((len(block_tables), width), np.int32)                          # [S, width]
+    tables[np.arange(width) < lengths[:, None]] = flat          # row-major: each row's ids in order
+    return tables
 
 
 def write_kv_reference(layer_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -89,6 +89,17 @@ class SamplingRow:
     num_logprobs: int = 0       # how many top alternatives to return
 
     def __post_init__(self) -> None:
+        # One expression on the hot path (a row per sequence per step); the messages only on failure.
+        valid = (0 <= self.temperature < math.inf and 0 < self.top_p <= 1 and self.top_k >= 0
+                 and 0 <= self.min_p <= 1 and 0 < self.repetition_penalty < math.inf
+                 and math.isfinite(self.presence_penalty) and math.isfinite(self.frequency_penalty)
+                 and 0 <= self.seed < _MAX_SEED and 0 <= self.stream < _MAX_SEED
+                 and 0 <= self.token_index < _MAX_SEED and self.num_logprobs >= 0)
+        if not valid:
+            self._raise_invalid()
+
+    def _raise_invalid(self) -> None:
+        """Raise ValueError naming the first field out of range."""
         _require(math.isfinite(self.temperature) and self.temperature >= 0,
                  f"temperature must be finite and >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
