@@ -16,6 +16,7 @@ from executor_svc.sampler import (  # noqa: E402
     SamplingRow,
     apply_penalties,
     draw_key,
+    draw_keys,
     filtered_probs,
     uniform_noise,
 )
@@ -377,3 +378,10 @@ def test_cuda_and_cpu_draw_the_same_tokens() -> None:
     on_cuda = SAMPLER(logits.cuda(), rows)
     assert on_cuda.token_ids == on_cpu.token_ids
     assert on_cuda.logprobs == pytest.approx(on_cpu.logprobs, abs=1e-4)
+
+
+def test_vectorised_draw_keys_equal_the_scalar_ones() -> None:
+    seeds = [0, 1, 2**63 - 1, 123456789123456789]
+    rows = [make_row(seed=seed, stream=stream, token_index=index)
+            for seed in seeds for stream in (0, 5, 2**40) for index in (0, 1, 2**62)]
+    assert draw_keys(rows).tolist() == [draw_key(r.seed, r.stream, r.token_index) for r in rows]
