@@ -23,12 +23,32 @@ from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
 
 
 @dataclass(frozen=True, slots=True)
-class _Batch:
+class StepBatch:
     """One step's flat forward batch."""
 
     input_ids: torch.Tensor         # [T] int64
     meta: AttentionMetadata
     last_token: list[int]           # per scheduled sequence: index of its last token in the batch
+
+
+def prepare_batch(seqs: SequenceRegistry, works: list[SequenceWork], block_size: int,
+                  device: torch.device) -> StepBatch:
+    """Apply each work item to its sequence's state and lay the step's new tokens out in one flat batch.
+
+    Host work that runs on every step before the GPU can start (`benchmarks/executor_host_path.py`
+    times it).
+    """
+    input_ids: list[int] = []
+    starts, lengths, tables, last_token = [], [], [], []
+    for work in works:
+        state = seqs.begin_work(work)
+        input_ids.extend(state.token_ids[-work.num_tokens:])    # a fed-back sample included
+        starts.append(work.start_position)
+        lengths.append(work.num_tokens)
+        tables.append(state.block_table)
+        last_token.append(len(input_ids) - 1)
+    meta = AttentionMetadata.build(starts, lengths, tables, block_size, device)
+    return StepBatch(torch.tensor(input_ids, dtype=torch.int64, device=device), meta, last_token)
 
 
 class ModelRunner:
@@ -72,23 +92,9 @@ class ModelRunner:
             return 0.0
         return self.roofline.seconds([w.start_position + 1 for w in works])
 
-    def _prepare(self, works: list[SequenceWork]) -> _Batch:
-        """Update each sequence's table and history; lay its new tokens out in one flat batch."""
-        input_ids: list[int] = []
-        starts, lengths, tables, last_token = [], [], [], []
-        for work in works:
-            state = self.seqs.begin_work(work)
-            input_ids.extend(state.token_ids[-work.num_tokens:])    # a fed-back sample included
-            starts.append(work.start_position)
-            lengths.append(work.num_tokens)
-            tables.append(state.block_table)
-            last_token.append(len(input_ids) - 1)
-        meta = AttentionMetadata.build(starts, lengths, tables, self.block_size, self.device)
-        return _Batch(torch.tensor(input_ids, dtype=torch.int64, device=self.device), meta, last_token)
-
     @torch.inference_mode()
     def _forward(self, works: list[SequenceWork]) -> tuple[SequenceResult, ...]:
-        batch = self._prepare(works)
+        batch = prepare_batch(self.seqs, works, self.block_size, self.device)
         if self.graphs is not None and self.graphs.can_run(batch.meta):
             hidden = self.graphs.run(batch.input_ids, batch.meta)                # [T, hidden]
         else:

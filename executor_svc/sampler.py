@@ -426,9 +426,9 @@ def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     num_rows, vocab_size = logits.shape
     _require(len(rows) == num_rows, f"got {len(rows)} sampling rows for {num_rows} rows of logits")
     _require(vocab_size > 0, "logits have an empty vocabulary")
-    for i, r in enumerate(rows):
-        _require(r.num_logprobs <= vocab_size,
-                 f"row {i}: num_logprobs {r.num_logprobs} exceeds the vocabulary size {vocab_size}")
+    if max((r.num_logprobs for r in rows), default=0) > vocab_size:     # messages only on failure
+        i, r = next((i, r) for i, r in enumerate(rows) if r.num_logprobs > vocab_size)
+        raise ValueError(f"row {i}: num_logprobs {r.num_logprobs} exceeds the vocabulary size {vocab_size}")
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
