@@ -52,12 +52,12 @@ class Harness:
         if not scheduler.num_steps_in_flight:
             plan = scheduler.schedule()
             if not plan.is_empty:
-                self._send(plan)
+                self.send(plan)
         if self.async_scheduling:
             ahead = scheduler.schedule_ahead()
             if ahead is not None:
                 self.planned_ahead += 1
-                self._send(ahead)
+                self.send(ahead)
         outputs = scheduler.pop_outputs()
         if self._results:
             outputs += scheduler.process_result(self._results.popleft())
@@ -65,7 +65,8 @@ class Harness:
         scheduler.check_integrity()
         return plan, outputs
 
-    def _send(self, plan: StepPlan) -> None:
+    def send(self, plan: StepPlan) -> None:
+        """Hand a plan to the executor, which runs it at once; its result waits to be processed in order."""
         self.plans.append(plan)
         self._results.append(self.executor.execute(plan))
 

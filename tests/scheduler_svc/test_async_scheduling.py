@@ -165,3 +165,24 @@ def test_a_plan_made_ahead_crosses_the_wire_unchanged():
     ahead = s.schedule_ahead()
     assert ahead.sequences[0].feeds_last_sample
     assert plan_from_proto(plan_to_proto(ahead)) == ahead
+
+
+def test_a_stop_string_ends_one_sample_while_two_steps_are_in_flight():
+    params = SamplingParams(n=2, max_tokens=12, seed=4)
+    reference = Harness()
+    reference.scheduler.add_request("r", [10, 11, 12], params)
+    expected = reference.run()["r"].token_ids
+    h = Harness(async_scheduling=True)
+    h.scheduler.add_request("r", [10, 11, 12], params)
+    while h.planned_ahead < 2:                          # past the fork, into steps planned ahead
+        h.step()
+    h.send(h.scheduler.schedule_ahead())               # as the engine does before handing out reports
+    assert h.scheduler.num_steps_in_flight == 2
+    group = h.scheduler.groups["r"]
+    stopped = group.seqs[1]
+    kept = len(stopped.output_token_ids)
+    h.scheduler.finish_sequence(stopped, FinishReason.STOP, "stop")      # as the detokenizer does
+    done = h.run()["r"]
+    assert done.finish_reasons == {0: "length", 1: "stop"}
+    assert done.token_ids[0] == expected[0]
+    assert done.token_ids[1] == expected[1][:kept]      # nothing from the steps still in flight
