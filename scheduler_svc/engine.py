@@ -278,19 +278,21 @@ class Engine:
                 plan, started = None, 0.0
             try:
                 if plan is not None:
-                    await self._send(plan, started)
+                    await self._send(plan, started, ahead=False)
                 await self._step()
             except (grpc.RpcError, ExecutorStepError) as err:
                 await self._recover(err)
 
-    async def _send(self, plan: StepPlan, started: float) -> None:
-        """Send a plan to every rank; `started` is when scheduling it began."""
+    async def _send(self, plan: StepPlan, started: float, ahead: bool) -> None:
+        """Send a plan to every rank; `started` is when scheduling it began, `ahead` whether it was
+        made while the step before it ran."""
         assert self.scheduler is not None
         schedule_seconds = time.perf_counter() - started
         batch = self.scheduler.stats()         # before results retire finished requests
         message = plan_to_proto(plan)
         await asyncio.gather(*(link.send(message) for link in self.links))
         self._sent.append(_SentStep(plan, started, schedule_seconds, time.perf_counter(), batch))
+        self.metrics.record_plan(ahead)
 
     async def _step(self) -> None:
         """Plan ahead when allowed, hand out the last reports, then take the oldest step's results."""
@@ -299,7 +301,7 @@ class Engine:
             started = time.perf_counter()
             ahead = self.scheduler.schedule_ahead()
             if ahead is not None:
-                await self._send(ahead, started)
+                await self._send(ahead, started, ahead=True)
         self._dispatch(self._take_pending())          # overlaps with the ranks' compute
         results = await asyncio.gather(*(link.receive() for link in self.links))
         received = time.perf_counter()

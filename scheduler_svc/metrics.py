@@ -28,6 +28,8 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                  120.0, 300.0, 600.0)
 
 PREEMPTION_MODES = ("swap", "recompute")
+# When a step's plan was made: while the step before it ran (async scheduling), or after its result.
+PLANNING_WHEN = ("ahead", "after_result")
 FINISH_REASONS = tuple(reason.value for reason in FinishReason)
 # The gRPC status codes the frontend refuses requests with (grpc.StatusCode names).
 REJECTION_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "UNAUTHENTICATED")
@@ -50,6 +52,9 @@ class SchedulerMetrics:
       pagedserve_kv_block_size_tokens     tokens per KV block
     Counters:
       pagedserve_preemptions_total{mode="swap"|"recompute"}
+      pagedserve_steps_planned_total{when="ahead"|"after_result"}   plans sent to the executors: made
+                                              while the step before ran (async scheduling), or after
+                                              its result (async off, or the scheduler declined)
       pagedserve_prompt_tokens_total          prompt tokens computed (recomputed ones included)
       pagedserve_generation_tokens_total      tokens generated
       pagedserve_requests_finished_total{finish_reason="length"|"stop"|"eos"|"aborted"|"error"}
@@ -106,6 +111,12 @@ class SchedulerMetrics:
                                    "Requests preempted, by preemption mode.", ["mode"], registry=r)
         for mode in PREEMPTION_MODES:
             self.preemptions.labels(mode=mode)
+        self.steps_planned = Counter("pagedserve_steps_planned_total",
+                                     "Plans sent to the executors, by when they were made: while the step "
+                                     "before ran (async scheduling) or after its result.", ["when"],
+                                     registry=r)
+        for when in PLANNING_WHEN:
+            self.steps_planned.labels(when=when)
         self.executors_ready = Gauge("pagedserve_executors_ready", "Executor ranks connected and ready.",
                                      registry=r)
         self.executors = Gauge("pagedserve_executors", "Executor ranks configured.", registry=r)
@@ -196,6 +207,10 @@ class SchedulerMetrics:
         self.executor_wait.observe(executor_seconds)
         self.prompt_tokens.inc(num_prompt_tokens)
         self.generation_tokens.inc(num_generation_tokens)
+
+    def record_plan(self, ahead: bool) -> None:
+        """A plan went to the executors: made ahead of its step's predecessor's result, or after it."""
+        self.steps_planned.labels(when="ahead" if ahead else "after_result").inc()
 
     def record_iteration(self, stats: SchedulerStats, control_plane_seconds: float,
                          roofline_ratio: float | None) -> None:

@@ -33,6 +33,10 @@ def test_prometheus_scrapes_the_scheduler_and_the_executor(stack, tmp_path):
         assert float(finished[0]["value"][1]) >= 3
         steps = prometheus.query_until("pagedserve_executor_steps_total", lambda r: bool(r), timeout=30)
         assert float(steps[0]["value"][1]) >= 5
+        # Async scheduling is on by default: a decode step is planned while the one before it runs.
+        ahead = prometheus.query_until('pagedserve_steps_planned_total{when="ahead"}',
+                                       lambda r: bool(r) and float(r[0]["value"][1]) > 0, timeout=30)
+        assert float(ahead[0]["value"][1]) > 0
         ttft = prometheus.query_until("pagedserve_time_to_first_token_seconds_count", lambda r: bool(r),
                                       timeout=30)
         assert float(ttft[0]["value"][1]) >= 3

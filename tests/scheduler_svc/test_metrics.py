@@ -109,6 +109,16 @@ def test_record_step_observes_each_phase_and_counts_tokens():
     assert value(metrics, "pagedserve_generation_tokens_total") == 63
 
 
+def test_plans_are_counted_by_when_they_were_made():
+    metrics = SchedulerMetrics()
+    assert value(metrics, "pagedserve_steps_planned_total", when="ahead") == 0     # series exist at zero
+    metrics.record_plan(ahead=False)
+    for _ in range(3):
+        metrics.record_plan(ahead=True)
+    assert value(metrics, "pagedserve_steps_planned_total", when="after_result") == 1
+    assert value(metrics, "pagedserve_steps_planned_total", when="ahead") == 3
+
+
 def test_token_latencies_and_finished_requests():
     metrics = SchedulerMetrics()
     metrics.record_first_token(0.15)
