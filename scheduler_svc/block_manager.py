@@ -107,36 +107,42 @@ class BlockManager:
 
     def advancing_seqs(self, group: SequenceGroup) -> list[Sequence]:
         """The group's sequences that run a next step: running, and not ended by a sample in flight."""
-        return [s for s in group.seqs
-                if s.status is SequenceStatus.RUNNING and not s.length_ends_in_flight(self.max_model_len)]
+        running, limit = SequenceStatus.RUNNING, self.max_model_len
+        # The pending-sample test first: one step at a time no sequence has one (this runs every step).
+        return [s for s in group.seqs if s.status is running
+                and (not s.num_pending_samples or not s.length_ends_in_flight(limit))]
 
     def _needs_new_block(self, seq: Sequence) -> bool:
         """Whether writing the sequence's last token needs a block: a new one, or a private copy.
 
         The last token is the one a step in flight will sample, when there is one.
         """
-        index = (seq.num_tokens_ahead - 1) // self.block_size
+        index = (len(seq.token_ids) + seq.num_pending_samples - 1) // self.block_size
         table = seq.block_table
         return index >= len(table) or self.gpu.ref_counts[table[index]] > 1
 
-    def blocks_to_append(self, group: SequenceGroup) -> int:
-        """GPU blocks `append_slots` takes for the group now (new blocks and private copies)."""
-        return sum(1 for seq in self.advancing_seqs(group) if self._needs_new_block(seq))
+    def blocks_to_append(self, seqs: list[Sequence]) -> int:
+        """GPU blocks `append_slots(seqs)` takes now (new blocks and private copies)."""
+        need = 0
+        for seq in seqs:
+            need += self._needs_new_block(seq)
+        return need
 
-    def can_append_slots(self, group: SequenceGroup) -> bool:
-        """Whether every advancing sequence of the group can get a slot for its next token now."""
-        return self.blocks_to_append(group) <= self.gpu.num_free
+    def can_append_slots(self, seqs: list[Sequence]) -> bool:
+        """Whether each of these advancing sequences can get a slot for its next token now."""
+        return self.blocks_to_append(seqs) <= self.gpu.num_free
 
-    def append_slots(self, group: SequenceGroup, copies: list[tuple[int, int]]) -> None:
+    def append_slots(self, seqs: list[Sequence], copies: list[tuple[int, int]]) -> None:
         """Make each advancing sequence's table cover its last token; collect copy-on-write pairs.
 
-        When the last block is shared (after a fork) the sequence gets a private copy first and
-        `(shared block, new block)` goes to `copies` for the executor's batched copy kernel.
+        `seqs` are a group's `advancing_seqs`. When the last block is shared (after a fork) the sequence
+        gets a private copy first and `(shared block, new block)` goes to `copies` for the executor's
+        batched copy kernel.
         """
         gpu = self.gpu
         bs = self.block_size
-        for seq in self.advancing_seqs(group):
-            position = seq.num_tokens_ahead - 1
+        for seq in seqs:
+            position = len(seq.token_ids) + seq.num_pending_samples - 1
             index = position // bs
             table = seq.block_table
             if index == len(table):

@@ -192,7 +192,7 @@ class Scheduler:
                 continue
             if group.params.use_beam_search or (group.needs_fork and group.params.num_sequences > 1):
                 return False
-            need += bm.blocks_to_append(group)
+            need += bm.blocks_to_append(bm.advancing_seqs(group))
         return need <= bm.gpu.num_free          # no running group is preempted by a plan made ahead
 
     def _plan(self) -> StepPlan:
@@ -219,7 +219,8 @@ class Scheduler:
         preempted = False
         while queue:
             group = queue.popleft()
-            while not bm.can_append_slots(group):
+            advancing = bm.advancing_seqs(group)
+            while not bm.can_append_slots(advancing):
                 preempted = True
                 if queue:
                     self._preempt(queue.pop(), plan)
@@ -230,7 +231,7 @@ class Scheduler:
             if group is None:
                 break
             self._take_pending_copies(group, plan)
-            bm.append_slots(group, plan.copy)
+            bm.append_slots(advancing, plan.copy)
             kept.append(group)
             budget.seqs_left -= self._emit_group(plan, group, budget)
         return preempted
@@ -254,7 +255,7 @@ class Scheduler:
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
             self._take_pending_copies(group, plan)
-            bm.append_slots(group, plan.copy)
+            bm.append_slots(bm.advancing_seqs(group), plan.copy)
             bisect.insort(self.running, group, key=_sort_key)
             budget.seqs_left -= self._emit_group(plan, group, budget)
 
@@ -303,9 +304,12 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             num_running += 1
-            if seq.length_ends_in_flight(self.max_model_len):
+            pending = seq.num_pending_samples
+            if pending and seq.length_ends_in_flight(self.max_model_len):
                 continue                    # its last token is being sampled now
-            remaining = seq.num_tokens_ahead - seq.num_scheduled_tokens
+            # Tokens known or being sampled, less those cached or being computed (properties inlined:
+            # this runs for every sequence every step).
+            remaining = (len(seq.token_ids) + pending) - (seq.num_computed_tokens + seq.num_in_flight_tokens)
             if remaining <= 0:
                 continue
             if remaining == 1:
@@ -342,7 +346,7 @@ class Scheduler:
         A token past the ones the scheduler holds is the sample of the step in flight: the executor
         feeds it back.
         """
-        start = seq.num_scheduled_tokens
+        start = seq.num_computed_tokens + seq.num_in_flight_tokens
         end = start + num_tokens
         known = seq.executor_table_len
         table_start = known if known > 0 else 0
@@ -488,11 +492,12 @@ class Scheduler:
         touched: dict[SequenceGroup, list[_SeqSamples]] = {}
         finished = SequenceStatus.FINISHED
         for work, seq in zip(plan.sequences, step.seqs, strict=True):
-            seq.num_in_flight_tokens -= work.num_tokens
+            computed = len(work.token_ids) + work.feeds_last_sample     # work.num_tokens, inlined
+            seq.num_in_flight_tokens -= computed
             seq.num_pending_samples -= work.num_samples > 0
             if seq.status is finished:      # ended (abort, stop string, EOS) while the step ran
                 continue
-            seq.num_computed_tokens += work.num_tokens
+            seq.num_computed_tokens += computed
             if work.num_samples:
                 touched.setdefault(seq.group, []).append((seq, by_seq[work.seq_id]))
         for group, items in touched.items():

@@ -60,10 +60,10 @@ def test_append_takes_a_new_block_only_at_a_boundary():
     seq = group.seqs[0]
     generate(seq)                                        # token 8 fills slot 7 of block 1
     copies = []
-    bm.append_slots(group, copies)
+    bm.append_slots(bm.advancing_seqs(group), copies)
     assert len(seq.block_table) == 2 and not copies
     generate(seq)                                        # token 9 needs block 2
-    bm.append_slots(group, copies)
+    bm.append_slots(bm.advancing_seqs(group), copies)
     assert len(seq.block_table) == 3 and not copies
     assert bm.gpu.filled_slots == 9
     bm.check_integrity([group])
@@ -84,7 +84,7 @@ def test_fork_shares_blocks_and_copy_on_write_copies_only_the_shared_last_block(
     for i, seq in enumerate([parent, *children]):
         seq.token_ids.append(50 + i)                     # each writes its own token into slot 6
     copies = []
-    bm.append_slots(group, copies)
+    bm.append_slots(bm.advancing_seqs(group), copies)
     # Two of the three writers copy the shared partial block; the last one writes in place.
     assert len(copies) == 2
     assert all(src == partial for src, _ in copies)
@@ -105,7 +105,7 @@ def test_fork_at_a_block_boundary_needs_no_copy():
     parent.token_ids.append(1)
     child.token_ids.append(2)
     copies = []
-    bm.append_slots(group, copies)
+    bm.append_slots(bm.advancing_seqs(group), copies)
     assert copies == []
     assert parent.block_table[:2] == child.block_table[:2]
     assert parent.block_table[2] != child.block_table[2]
@@ -145,7 +145,7 @@ def test_swap_out_and_in_restores_the_logical_mapping_and_sharing():
     child = fork(bm, parent, 2)
     parent.token_ids.append(1)
     child.token_ids.append(2)
-    bm.append_slots(group, [])                           # child and parent now differ in block 1
+    bm.append_slots(bm.advancing_seqs(group), [])        # child and parent now differ in block 1
     before = [seq.block_table.copy() for seq in group.seqs]
 
     assert bm.can_swap_out(group)
@@ -229,6 +229,6 @@ def test_reserving_modes_take_the_whole_reservation_up_front(mode, blocks_per_se
     for _ in range(9):                                   # decoding never takes another block
         for seq in group.seqs:
             generate(seq)
-        bm.append_slots(group, [])
+        bm.append_slots(bm.advancing_seqs(group), [])
     assert bm.gpu.num_used == used
     bm.check_integrity([group])
