@@ -185,15 +185,15 @@ class Scheduler:
         """Whether the next step's plan can be made before the step in flight reports."""
         if self._pending_forks:
             return False
+        running = [g for g in self.running if not g.is_finished]
+        if any(g.params.use_beam_search or (g.needs_fork and g.params.num_sequences > 1) for g in running):
+            return False
+        # No running group may be preempted by a plan made ahead. Each sequence takes at most one
+        # block, so counting the exact need is only worth it when free blocks are that scarce.
         bm = self.block_manager
-        need = 0
-        for group in self.running:
-            if group.is_finished:
-                continue
-            if group.params.use_beam_search or (group.needs_fork and group.params.num_sequences > 1):
-                return False
-            need += bm.blocks_to_append(bm.advancing_seqs(group))
-        return need <= bm.gpu.num_free          # no running group is preempted by a plan made ahead
+        if bm.gpu.num_free >= sum(g.num_unfinished for g in running):
+            return True
+        return sum(bm.blocks_to_append(bm.advancing_seqs(g)) for g in running) <= bm.gpu.num_free
 
     def _plan(self) -> StepPlan:
         self._step_id += 1
@@ -304,12 +304,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             num_running += 1
-            pending = seq.num_pending_samples
-            if pending and seq.length_ends_in_flight(self.max_model_len):
+            if seq.num_pending_samples and seq.length_ends_in_flight(self.max_model_len):
                 continue                    # its last token is being sampled now
-            # Tokens known or being sampled, less those cached or being computed (properties inlined:
-            # this runs for every sequence every step).
-            remaining = (len(seq.token_ids) + pending) - (seq.num_computed_tokens + seq.num_in_flight_tokens)
+            remaining = seq.num_unscheduled_tokens
             if remaining <= 0:
                 continue
             if remaining == 1:
@@ -335,7 +332,7 @@ class Scheduler:
         """Prompt tokens the group's running sequences still have to compute (decodes excluded)."""
         total = 0
         for seq in group.seqs:
-            remaining = seq.num_tokens_ahead - seq.num_scheduled_tokens
+            remaining = seq.num_unscheduled_tokens
             if seq.status is SequenceStatus.RUNNING and remaining > 1:
                 total += remaining
         return total

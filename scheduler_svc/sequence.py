@@ -77,9 +77,11 @@ class Sequence:
         return len(self.token_ids) + self.num_pending_samples
 
     @property
-    def num_scheduled_tokens(self) -> int:
-        """Tokens whose K/V are cached or being computed by a step in flight."""
-        return self.num_computed_tokens + self.num_in_flight_tokens
+    def num_unscheduled_tokens(self) -> int:
+        """Tokens known or being sampled whose K/V are neither cached nor being computed: what the next
+        step may compute."""
+        return (len(self.token_ids) + self.num_pending_samples
+                - self.num_computed_tokens - self.num_in_flight_tokens)
 
     def length_ends_in_flight(self, max_model_len: int) -> bool:
         """Whether the sample in flight will end this sequence by max_tokens or max_model_len.
