@@ -54,9 +54,9 @@ std::string message_of(const Parts&... parts) {
   } while (0)
 
 std::string check_cuda(const at::Tensor& t,          // [any]
-                const char* op, const char* name, const at::Device& device) {
+                const char* op, const char* name, const at::Device& device, const char* reference = "kv_cache") {
   PAGEDSERVE_REQUIRE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  PAGEDSERVE_REQUIRE(t.device() == device, op, ": ", name, " is on ", t.device(), " but kv_cache is on ", device);
+  PAGEDSERVE_REQUIRE(t.device() == device, op, ": ", name, " is on ", t.device(), " but ", reference, " is on ", device);
   return {};
 }
 
@@ -80,6 +80,47 @@ std::string check_rows(const at::Tensor& t,   // [N, num_heads, head_size]
               ", ", head_size, "], got ", t.sizes());
   PAGEDSERVE_REQUIRE(t.stride(2) == 1 && t.stride(1) == head_size, op, ": ", name,
               " must have contiguous heads (strides [*, head_size, 1]), got strides ", t.strides());
+  return {};
+}
+
+// A 2-D fp16/bf16 CUDA activation on `device` with a contiguous last dim (rows may be strided).
+std::string check_rows_2d(const at::Tensor& t,   // [N, features]
+                          const char* op, const char* name, const at::Device& device) {
+  PAGEDSERVE_REQUIRE(t.is_cuda() && t.device() == device, op, ": ", name, " must be on ", device, ", got ",
+              t.device());
+  PAGEDSERVE_REQUIRE(t.dim() == 2, op, ": ", name, " must be 2-D [N, features], got ", t.sizes());
+  PAGEDSERVE_REQUIRE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " has unsupported dtype ", t.scalar_type(), " (supported: float16, bfloat16)");
+  PAGEDSERVE_REQUIRE(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " needs a contiguous last dim, got strides ",
+              t.strides());
+  PAGEDSERVE_REQUIRE(t.size(0) <= INT32_MAX && t.size(1) <= INT32_MAX, op, ": ", name, " is too large: ", t.sizes());
+  return {};
+}
+
+// `out`, contiguous, shaped [input rows, features] and typed like `input`.
+std::string check_output(const at::Tensor& out,     // [N, features]
+                         const at::Tensor& input,   // [N, *]
+                         int64_t features, const char* op) {
+  PAGEDSERVE_TRY(check_rows_2d(out, op, "out", input.device()));
+  PAGEDSERVE_REQUIRE(out.is_contiguous() && out.size(0) == input.size(0) && out.size(1) == features, op,
+              ": out must be a contiguous [", input.size(0), ", ", features, "] tensor, got ", out.sizes());
+  PAGEDSERVE_REQUIRE(out.scalar_type() == input.scalar_type(), op, ": out and input must share a dtype, got ",
+              out.scalar_type(), " and ", input.scalar_type());
+  return {};
+}
+
+std::string check_norm(const at::Tensor& out,      // [N, H]
+                       const at::Tensor& input,    // [N, H]
+                       const at::Tensor& weight,   // [H]
+                       double eps, const char* op) {
+  PAGEDSERVE_TRY(check_rows_2d(input, op, "input", input.device()));
+  PAGEDSERVE_TRY(check_output(out, input, input.size(1), op));
+  PAGEDSERVE_REQUIRE(weight.device() == input.device() && weight.dim() == 1 && weight.size(0) == input.size(1) &&
+                  weight.is_contiguous() && weight.scalar_type() == input.scalar_type(),
+              op, ": weight must be a contiguous [", input.size(1), "] tensor of ", input.scalar_type(), " on ",
+              input.device(), ", got ", weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
+  PAGEDSERVE_REQUIRE(eps >= 0.0, op, ": eps must be >= 0");
+  PAGEDSERVE_REQUIRE(out.data_ptr() != input.data_ptr(), op, ": out and input must not share memory");
   return {};
 }
 
@@ -189,10 +230,84 @@ std::string copy_blocks_checked(at::Tensor& kv_cache,        // [num_blocks, num
   return {};
 }
 
+std::string rms_norm_checked(at::Tensor& out,            // [N, H] contiguous
+                             const at::Tensor& input,    // [N, H], last dim contiguous
+                             const at::Tensor& weight,   // [H]
+                             double eps) {
+  PAGEDSERVE_TRY(check_norm(out, input, weight, eps, "rms_norm"));
+  rms_norm(out, input, weight, eps);
+  return {};
+}
+
+std::string fused_add_rms_norm_checked(at::Tensor& out,            // [N, H] contiguous
+                                       const at::Tensor& input,    // [N, H], last dim contiguous
+                                       at::Tensor& residual,       // [N, H] contiguous, becomes input + residual
+                                       const at::Tensor& weight,   // [H]
+                                       double eps) {
+  constexpr const char* op = "fused_add_rms_norm";
+  PAGEDSERVE_TRY(check_norm(out, input, weight, eps, op));
+  PAGEDSERVE_TRY(check_rows_2d(residual, op, "residual", input.device()));
+  PAGEDSERVE_REQUIRE(residual.is_contiguous() && residual.sizes() == input.sizes() &&
+                  residual.scalar_type() == input.scalar_type(),
+              op, ": residual must be a contiguous ", input.sizes(), " tensor of ", input.scalar_type(), ", got ",
+              residual.scalar_type(), " ", residual.sizes());
+  PAGEDSERVE_REQUIRE(residual.data_ptr() != out.data_ptr(), op, ": out and residual must not share memory");
+  fused_add_rms_norm(out, input, residual, weight, eps);
+  return {};
+}
+
+std::string silu_and_mul_checked(at::Tensor& out,             // [N, I] contiguous
+                                 const at::Tensor& input) {   // [N, 2 * I], last dim contiguous
+  constexpr const char* op = "silu_and_mul";
+  PAGEDSERVE_TRY(check_rows_2d(input, op, "input", input.device()));
+  PAGEDSERVE_REQUIRE(input.size(1) % 2 == 0, op, ": input must be [N, 2 * I] (gate, then up), got ", input.sizes());
+  PAGEDSERVE_TRY(check_output(out, input, input.size(1) / 2, op));
+  silu_and_mul(out, input);
+  return {};
+}
+
+std::string rotary_embedding_checked(const at::Tensor& positions,   // [N] int64
+                                     at::Tensor& query,             // [N, num_heads, head_size]
+                                     at::Tensor& key,               // [N, num_kv_heads, head_size]
+                                     const at::Tensor& cos_sin,     // [P, R] float32
+                                     int64_t rotary_dim) {
+  constexpr const char* op = "rotary_embedding";
+  const at::Device device = query.device();
+  PAGEDSERVE_REQUIRE(query.is_cuda(), op, ": query must be a CUDA tensor, got one on ", device);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{key, "key"}, {positions, "positions"},
+                                {cos_sin, "cos_sin"}}) {
+    PAGEDSERVE_TRY(check_cuda(t, op, name, device, "query"));
+  }
+  PAGEDSERVE_REQUIRE(query.dim() == 3 && key.dim() == 3 && key.size(0) == query.size(0) &&
+                  key.size(2) == query.size(2),
+              op, ": query must be [N, num_heads, head_size] and key [N, num_kv_heads, head_size], got ",
+              query.sizes(), " and ", key.sizes());
+  const int64_t head_size = query.size(2);
+  PAGEDSERVE_TRY(check_rows(query, op, "query", query.size(1), head_size));
+  PAGEDSERVE_TRY(check_rows(key, op, "key", key.size(1), head_size));
+  PAGEDSERVE_REQUIRE((query.scalar_type() == at::kHalf || query.scalar_type() == at::kBFloat16) &&
+                  key.scalar_type() == query.scalar_type(),
+              op, ": query and key must share a dtype, float16 or bfloat16, got ", query.scalar_type(), " and ",
+              key.scalar_type());
+  PAGEDSERVE_REQUIRE(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  positions.size(0) == query.size(0) && positions.is_contiguous(),
+              op, ": positions must be a contiguous int64 [N=", query.size(0), "] tensor, got ",
+              positions.scalar_type(), " ", positions.sizes());
+  PAGEDSERVE_REQUIRE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_size, op, ": rotary_dim ", rotary_dim,
+              " must be even and in (0, head_size=", head_size, "]");
+  PAGEDSERVE_REQUIRE(cos_sin.scalar_type() == at::kFloat && cos_sin.dim() == 2 && cos_sin.size(1) == rotary_dim &&
+                  cos_sin.is_contiguous(),
+              op, ": cos_sin must be a contiguous float32 [P, ", rotary_dim, "] tensor, got ", cos_sin.scalar_type(),
+              " ", cos_sin.sizes());
+  rotary_embedding(positions, query, key, cos_sin, rotary_dim);
+  return {};
+}
+
 }  // namespace pagedserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "PagedServe CUDA kernels: PagedAttention (decode and prefill) and KV cache writes/copies. Each "
+  m.doc() = "PagedServe CUDA kernels: PagedAttention (decode and prefill), KV cache writes/copies and fused "
+            "layers (RMSNorm, SwiGLU, rotary embedding). Each "
             "function returns '' when it launched, else the problem with its arguments (nothing launched).";
   m.def("paged_attention", torch::wrap_pybind_function(pagedserve::paged_attention_checked),
         "PagedAttention of T query tokens over their paged context into `out` (decode when query_start_loc is "
@@ -204,4 +319,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key"), py::arg("value"), py::arg("kv_cache"), py::arg("layer"), py::arg("slot_mapping"));
   m.def("copy_blocks", torch::wrap_pybind_function(pagedserve::copy_blocks_checked), "Copy whole blocks src -> dst (copy-on-write)",
         py::arg("kv_cache"), py::arg("pairs"));
+  m.def("rms_norm", torch::wrap_pybind_function(pagedserve::rms_norm_checked), "out = RMSNorm(input) * weight",
+        py::arg("out"), py::arg("input"), py::arg("weight"), py::arg("eps"));
+  m.def("fused_add_rms_norm", torch::wrap_pybind_function(pagedserve::fused_add_rms_norm_checked),
+        "residual += input, then out = RMSNorm(residual) * weight", py::arg("out"), py::arg("input"),
+        py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("silu_and_mul", torch::wrap_pybind_function(pagedserve::silu_and_mul_checked),
+        "out = silu(gate) * up for input [gate | up]", py::arg("out"), py::arg("input"));
+  m.def("rotary_embedding", torch::wrap_pybind_function(pagedserve::rotary_embedding_checked),
+        "Neox-style rotary embedding of query and key in place", py::arg("positions"), py::arg("query"),
+        py::arg("key"), py::arg("cos_sin"), py::arg("rotary_dim"));
 }

@@ -1,5 +1,7 @@
-// The launchers of the PagedServe kernels (defined in paged_attention.cu and cache_kernels.cu; the
-// argument checks are in bindings.cpp). Shapes: T tokens, S sequences, P block pairs.
+// The launchers of the PagedServe kernels (defined in paged_attention.cu, cache_kernels.cu and
+// layer_kernels.cu; the argument checks are in bindings.cpp). Shapes: T tokens, S sequences, P block
+// pairs (copy_blocks) or rotary positions (rotary_embedding), N rows, H hidden size, I intermediate size,
+// R rotary dim.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,5 +26,21 @@ void reshape_and_cache(const at::Tensor& key,            // [T, num_kv_heads, he
                        const at::Tensor& slot_mapping);  // [T] int64
 void copy_blocks(at::Tensor& kv_cache,        // [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
                  const at::Tensor& pairs);    // [P, 2] int64
+void rms_norm(at::Tensor& out,              // [N, H] contiguous
+              const at::Tensor& input,      // [N, H], last dim contiguous
+              const at::Tensor& weight,     // [H]
+              double eps);
+void fused_add_rms_norm(at::Tensor& out,             // [N, H] contiguous
+                        const at::Tensor& input,     // [N, H], last dim contiguous
+                        at::Tensor& residual,        // [N, H] contiguous, becomes input + residual
+                        const at::Tensor& weight,    // [H]
+                        double eps);
+void silu_and_mul(at::Tensor& out,              // [N, I] contiguous
+                  const at::Tensor& input);     // [N, 2 * I], last dim contiguous
+void rotary_embedding(const at::Tensor& positions,   // [N] int64
+                      at::Tensor& query,             // [N, num_heads, head_size], rotated in place
+                      at::Tensor& key,               // [N, num_kv_heads, head_size], rotated in place
+                      const at::Tensor& cos_sin,     // [P, R] float32
+                      int64_t rotary_dim);
 
 }  // namespace pagedserve

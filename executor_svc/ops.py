@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger("pagedserve.executor")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "paged_attention.cu", "cache_kernels.cu")
+SOURCES = ("bindings.cpp", "paged_attention.cu", "cache_kernels.cu", "layer_kernels.cu")
 EXTRA_CUDA_CFLAGS = ["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
                      "-gencode=arch=compute_80,code=sm_80"]
 # What the attention kernel instantiates (csrc/paged_attention.cu): any block size; anything else uses the
@@ -43,26 +43,33 @@ def build_directory() -> Path:
 def _load() -> ModuleType | None:
     """Build (or load the cached build of) the extension; None, with the reason logged, if impossible."""
     global _module, _tried
+    if _tried:                          # every layer of every eager forward pass asks: no lock once settled
+        return _module
     with _lock:
         if _tried:
             return _module
+        _module = _build()
         _tried = True
-        if not torch.cuda.is_available():
-            log.info("CUDA kernels unavailable: no CUDA device; using the torch reference attention")
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-
-            directory = build_directory()
-            directory.mkdir(parents=True, exist_ok=True)
-            _module = load(name="pagedserve_kernels", sources=[str(CSRC / s) for s in SOURCES],
-                           extra_cuda_cflags=EXTRA_CUDA_CFLAGS, extra_include_paths=[str(CSRC)],
-                           build_directory=str(directory), verbose=False)
-        except Exception as exc:      # compiler missing, compile error, ABI mismatch: fall back, loudly
-            log.warning("CUDA kernels unavailable: building csrc/ failed (%s: %s); using the torch "
-                        "reference attention", type(exc).__name__, exc)
-            _module = None
         return _module
+
+
+def _build() -> ModuleType | None:
+    """Compile or load the extension; None, with the reason logged, when it cannot be had."""
+    if not torch.cuda.is_available():
+        log.info("CUDA kernels unavailable: no CUDA device; using the torch reference attention")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        return load(name="pagedserve_kernels", sources=[str(CSRC / s) for s in SOURCES],
+                    extra_cuda_cflags=EXTRA_CUDA_CFLAGS, extra_include_paths=[str(CSRC)],
+                    build_directory=str(directory), verbose=False)
+    except Exception as exc:      # compiler missing, compile error, ABI mismatch: fall back, loudly
+        log.warning("CUDA kernels unavailable: building csrc/ failed (%s: %s); using the torch "
+                    "reference attention", type(exc).__name__, exc)
+        return None
 
 
 def kernels_available() -> bool:
@@ -74,6 +81,14 @@ def kernels_enabled() -> bool:
     """Whether attention and the cache should use the kernels: built (on a CUDA device), and not turned
     off with PAGEDSERVE_CUDA_KERNELS=0 (which selects the torch reference, for comparisons)."""
     return os.environ.get("PAGEDSERVE_CUDA_KERNELS", "1") != "0" and kernels_available()
+
+
+def fused_layers_enabled(x: torch.Tensor) -> bool:
+    """Whether the fused layer kernels (RMSNorm, SwiGLU, rotary) serve activation `x`: fp16/bf16 on CUDA
+    with the kernels enabled, unless PAGEDSERVE_FUSED_LAYERS=0 keeps the torch reference layers (for
+    A/B measurements; attention is unaffected)."""
+    return (x.is_cuda and x.dtype in DTYPES and os.environ.get("PAGEDSERVE_FUSED_LAYERS", "1") != "0"
+            and kernels_enabled())
 
 
 def describe_attention(device: torch.device) -> str:
@@ -183,3 +198,44 @@ def copy_blocks(kv_cache: torch.Tensor, pairs: torch.Tensor) -> None:
     pairs:    [P, 2] int64 of (src, dst) block ids, on the cache's device
     """
     _launch("copy_blocks", kv_cache, pairs.to(device=kv_cache.device, dtype=torch.int64).contiguous())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row, scaled by `weight`, rounded as the torch reference rounds (layers.RMSNorm).
+
+    x: [N, H] (last dim contiguous); weight: [H]; returns [N, H] in x's dtype
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch("rms_norm", out, x, weight, float(eps))
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """residual <- x + residual in place, then return RMSNorm(residual) * weight (one pass).
+
+    x: [N, H] (last dim contiguous); residual: [N, H] contiguous, updated; weight: [H]; returns [N, H]
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch("fused_add_rms_norm", out, x, residual, weight, float(eps))
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up for x = [gate | up].
+
+    x: [N, 2 * I] (last dim contiguous); returns [N, I] in x's dtype
+    """
+    out = torch.empty((x.shape[0], x.shape[1] // 2), dtype=x.dtype, device=x.device)
+    _launch("silu_and_mul", out, x)
+    return out
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin: torch.Tensor,
+                     rotary_dim: int) -> None:
+    """Rotate query and key in place by their positions, neox style (layers.RotaryEmbedding).
+
+    positions: [N] int64; query: [N, H, D] and key: [N, Hkv, D], heads contiguous (rows may be strided);
+    cos_sin:   [P, rotary_dim] float32, cos of the rotary_dim / 2 frequencies then sin, per position
+    """
+    _launch("rotary_embedding", positions, query, key, cos_sin, int(rotary_dim))

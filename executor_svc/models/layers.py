@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from executor_svc import ops
 from executor_svc.models.errors import UnsupportedModelError
 
 ShardId = str | int | None
@@ -83,7 +84,11 @@ def empty_parameter(*shape: int) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm as Llama uses it: normalise in float32, scale in the input dtype."""
+    """Root-mean-square layer norm as Llama uses it: normalise in float32, scale in the input dtype.
+
+    fp16/bf16 activations on CUDA go through one fused kernel (ops.rms_norm), which rounds as this
+    reference does; everything else runs the reference.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -92,6 +97,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]."""
+        if ops.fused_layers_enabled(x):
+            return ops.rms_norm(x, self.weight, self.eps)
+        return self._reference(x)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before a pre-norm: returns (norm(x + residual), x + residual).
+
+        x, residual: [T, hidden]. The fused kernel writes the sum into `residual` itself, so the caller
+        must own it (every decoder layer's running residual is its own tensor).
+        """
+        if ops.fused_layers_enabled(x) and residual.is_contiguous():
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps), residual
+        residual = x + residual
+        return self._reference(residual), residual
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -117,6 +138,17 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": gelu_new,
     "gelu_pytorch_tanh": gelu_tanh,
 }
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gated activation: silu(gate) * up for x = [gate | up]. [T, 2 * I] -> [T, I].
+
+    fp16/bf16 on CUDA: one fused kernel (rounding silu to the dtype first, as the reference does).
+    """
+    if ops.fused_layers_enabled(x):
+        return ops.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return functional.silu(gate) * up
 
 
 def get_act_fn(name: str, field: str = "hidden_act") -> Callable[[torch.Tensor], torch.Tensor]:
@@ -221,8 +253,12 @@ class RotaryEmbedding(nn.Module):
         """Rotate queries and keys by their positions.
 
         positions: [T] int64; query: [T, num_heads, head_size]; key: [T, num_kv_heads, head_size]
-        returns query, key of the same shapes
+        returns query, key of the same shapes (fp16/bf16 on CUDA: the inputs themselves, rotated in place
+        by one fused kernel; heads must be contiguous, as QKVParallelLinear.split gives them)
         """
+        if ops.fused_layers_enabled(query) and self.cos_sin_cache.dtype == torch.float32:
+            ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.rotary_dim)   # in place
+            return query, key
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)   # [T, rotary_dim / 2] each
         cos = cos[:, None, :].to(query.dtype)                        # [T, 1, rotary_dim / 2]
         sin = sin[:, None, :].to(query.dtype)

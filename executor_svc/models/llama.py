@@ -20,6 +20,7 @@ from executor_svc.models.layers import (
     ShardId,
     VocabParallelEmbedding,
     get_act_fn,
+    silu_and_mul,
 )
 from executor_svc.models.loading import Route, StackedParam, from_fused, to_fused
 
@@ -77,15 +78,23 @@ class LlamaMLP(nn.Module):
                                                        tp.size)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, tp.rank, tp.size, tp.reduce)
         self.act_fn = get_act_fn(config.hidden_act)
+        self.is_silu = config.hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> [T, hidden]."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)   # [T, inter_per_rank] each
+        gate_up = self.gate_up_proj(x)                     # [T, 2 * inter_per_rank]
+        if self.is_silu:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)                # [T, inter_per_rank] each
         return self.down_proj(self.act_fn(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The residual stream is carried separately, so each residual add fuses into the norm after it (the
+    next layer's input norm, or the model's final norm, adds this layer's MLP output).
+    """
 
     def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, tp: TensorParallel) -> None:
         super().__init__()
@@ -94,10 +103,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        """positions [T], hidden [T, hidden] -> [T, hidden]."""
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), context)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                context: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; hidden [T, hidden], the previous layer's MLP output (or the embedding, with
+        residual None); residual [T, hidden], the stream before it. Returns this layer's (mlp output,
+        residual): their sum is the layer's output."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, context)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -117,9 +134,12 @@ class LlamaModel(nn.Module):
                 context: ForwardContext) -> torch.Tensor:
         """input_ids, positions [T] -> [T, hidden]."""
         hidden = self.embed_tokens(input_ids)   # [T, hidden]
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden = layer(positions, hidden, context)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, context)
+        if residual is None:                    # no layers
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
