@@ -10,7 +10,8 @@ table per phase, and the latency-vs-rate plot.
     python benchmarks/device/serving_suite.py --out results/ --phases main,peers
     python benchmarks/device/serving_suite.py --phases reservation,blocksize,preemption,sharing,online
 
-Phases: main (ShareGPT-like offline), profile (torch profiler of decode steps, in process), peers (HF
+Phases: main (ShareGPT-like offline), async (one step at a time vs planned ahead), chunked (chunked
+prefill at two budgets), profile (torch profiler of decode steps, in process), peers (HF
 continuous and static batching offline), reservation (paged vs reserve-max/pow2/oracle), blocksize
 (8-128), preemption (swap vs recompute under memory pressure), sharing (parallel sampling and beam
 search), online (normalized latency vs request rate for us and both peers).
@@ -49,8 +50,10 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
 LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
               "num_attention_heads": 40, "num_key_value_heads": 40}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PHASES = ("main", "async", "profile", "peers", "reservation", "blocksize", "preemption", "sharing", "online")
+PHASES = ("main", "async", "chunked", "profile", "peers", "reservation", "blocksize", "preemption", "sharing",
+          "online")
 READY_TIMEOUT_S = 900.0
+CHUNKED_PREFILL_BUDGETS = (2048, 4096)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -186,6 +189,14 @@ class Suite:
                        [self.sharegpt(self.o.num_requests)], max_num_seqs=self.o.max_num_seqs,
                        async_scheduling=planned_ahead)
 
+    def chunked_prefill(self) -> None:
+        """The main trace with prompts cut into chunks that share each step with the running decodes,
+        at two per-step prompt budgets (the main phase is the whole-prompt baseline: budget 8,192)."""
+        for budget in CHUNKED_PREFILL_BUDGETS:
+            self.bench("chunked", f"pagedserve chunked prefill {budget}",
+                       [self.sharegpt(self.o.num_requests)], max_num_seqs=self.o.max_num_seqs,
+                       enable_chunked_prefill=True, max_num_batched_tokens=budget)
+
     def reservation(self) -> None:
         """The paper's memory comparison: paging against contiguous reservation (Orca Max/Pow2/Oracle).
 
@@ -269,6 +280,7 @@ class Suite:
 def run_phases(suite: Suite, phases: list[str]) -> None:
     """Our phases first (one executor for all), then the ones that need the GPU to themselves."""
     ours: dict[str, Callable[[], None]] = {"main": suite.main, "async": suite.scheduling,
+                                           "chunked": suite.chunked_prefill,
                                            "reservation": suite.reservation,
                                            "blocksize": suite.blocksize, "preemption": suite.preemption,
                                            "sharing": suite.sharing, "online": suite.online}

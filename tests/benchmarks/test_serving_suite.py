@@ -1,5 +1,5 @@
 """The GPU serving suite runs end to end on the CPU against the embedded model: our stack, a
-reservation baseline and both Hugging Face peers on the same trace, into one JSON and one table."""
+chunked-prefill run and both Hugging Face peers on the same trace, into one JSON and one table."""
 
 from __future__ import annotations
 
@@ -21,14 +21,16 @@ def test_suite_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "benchmarks" / "device" / "serving_suite.py"), "--model",
                default_model_dir(), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
-               "--phases", "main,peers", "--num-requests", "4", "--peer-continuous-requests", "3",
+               "--phases", "main,chunked,peers", "--num-requests", "4", "--peer-continuous-requests", "3",
                "--peer-static-requests", "3", "--static-batch-size", "2", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "serving_suite.json").read_text())
     by_system = {r["system"]: r for r in results}
     # A peer that fails is left out of the table; its subprocess wrote why to the suite's stderr.
-    assert set(by_system) == {"pagedserve", "hf-continuous", "hf-static"}, done.stderr[-3000:]
+    chunked_systems = {f"pagedserve chunked prefill {budget}" for budget in (2048, 4096)}
+    expected_systems = {"pagedserve", *chunked_systems, "hf-continuous", "hf-static"}
+    assert set(by_system) == expected_systems, done.stderr[-3000:]
     ours = by_system["pagedserve"]["runs"][0]
     assert ours["client"]["completed"] == 4 and ours["server"]["iterations"] > 0
     assert all(r["runs"][0]["client"]["failed"] == 0 for r in results)
@@ -39,4 +41,7 @@ def test_suite_smoke_run_on_cpu(tmp_path):
     assert by_system["hf-continuous"]["runs"][0]["client"]["output_tokens"] == expected
     assert by_system["hf-static"]["runs"][0]["client"]["output_tokens"] == expected
     table = (out / "serving_suite.md").read_text()
-    assert "## main" in table and "## peers" in table and "hf-static" in table
+    assert "## main" in table and "## chunked" in table and "## peers" in table and "hf-static" in table
+    chunked = by_system["pagedserve chunked prefill 2048"]
+    assert chunked["config"]["enable_chunked_prefill"] is True
+    assert chunked["runs"][0]["client"]["completed"] == 4
