@@ -120,7 +120,8 @@ std::string check_norm(const at::Tensor& out,      // [N, H]
               op, ": weight must be a contiguous [", input.size(1), "] tensor of ", input.scalar_type(), " on ",
               input.device(), ", got ", weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
   PAGEDSERVE_REQUIRE(eps >= 0.0, op, ": eps must be >= 0");
-  PAGEDSERVE_REQUIRE(out.data_ptr() != input.data_ptr(), op, ": out and input must not share memory");
+  PAGEDSERVE_REQUIRE(input.numel() == 0 || out.data_ptr() != input.data_ptr(), op,
+              ": out and input must not share memory");
   return {};
 }
 
@@ -251,7 +252,8 @@ std::string fused_add_rms_norm_checked(at::Tensor& out,            // [N, H] con
                   residual.scalar_type() == input.scalar_type(),
               op, ": residual must be a contiguous ", input.sizes(), " tensor of ", input.scalar_type(), ", got ",
               residual.scalar_type(), " ", residual.sizes());
-  PAGEDSERVE_REQUIRE(residual.data_ptr() != out.data_ptr(), op, ": out and residual must not share memory");
+  PAGEDSERVE_REQUIRE(input.numel() == 0 || residual.data_ptr() != out.data_ptr(), op,
+              ": out and residual must not share memory");
   fused_add_rms_norm(out, input, residual, weight, eps);
   return {};
 }
