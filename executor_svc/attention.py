@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from executor_svc import flash_prefill, ops
 
-# Steps whose longest new chunk has at least this many tokens attend through the paged gather +
-# FlashAttention-2 path (executor_svc/flash_prefill.py); shorter chunks and decode use our kernel.
-# Measured on an H200 (benchmarks/results/paged_attention_h200.md, prefill table): our kernel wins every
-# 16-token chunk and most 128-token ones (the gather costs more than it saves), FA2 wins from 512 on
-# (up to 4.8x at 2048: our mma.sync kernel re-reads K/V per 16 query rows).
+# Sequences whose new chunk has at least this many tokens attend through the paged gather +
+# FlashAttention-2 path (executor_svc/flash_prefill.py); shorter chunks and decode use our kernel. A step
+# that mixes both is split, so the gather copies only the long chunks' context, never that of the
+# hundreds of decoding sequences that share their step. Measured on an H200
+# (benchmarks/results/paged_attention_h200.md, prefill table): our kernel wins every 16-token chunk and
+# most 128-token ones (the gather costs more than it saves), FA2 wins from 512 on (up to 4.8x at 2048:
+# our mma.sync kernel re-reads K/V per 16 query rows).
 FLASH_PREFILL_MIN_QUERY_LEN = 256
 
 
@@ -66,6 +68,34 @@ class AttentionMetadata:
     def is_decode_only(self) -> bool:
         """Every sequence computes exactly one token (the decode kernel's case)."""
         return self.max_query_len == 1
+
+    def select(self, seqs: Sequence[int]) -> tuple[AttentionMetadata, torch.Tensor]:
+        """The metadata of a subset of this step's sequences, as if they were a step of their own, and
+        where their tokens sit among this step's tokens.
+
+        seqs: indices of the chosen sequences, in step order
+        returns the subset's metadata and token_index: [T_sub] int64, its tokens' rows in this step
+        """
+        device = self.seq_lens.device
+        starts = np.zeros(len(self.query_lens_list) + 1, np.int64)                       # [S + 1]
+        np.cumsum(self.query_lens_list, out=starts[1:])
+        query_lens = [self.query_lens_list[i] for i in seqs]
+        seq_lens = [self.seq_lens_list[i] for i in seqs]
+        token_rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in seqs]) if seqs else \
+            np.zeros(0, np.int64)
+        token_index = torch.from_numpy(token_rows).to(device)                              # [T_sub]
+        seq_index = torch.tensor(list(seqs), dtype=torch.int64, device=device)            # [S_sub]
+        sub_starts = np.zeros(len(seqs) + 1, np.int64)
+        np.cumsum(query_lens, out=sub_starts[1:])
+        meta = AttentionMetadata(slot_mapping=self.slot_mapping.index_select(0, token_index),
+                                 positions=self.positions.index_select(0, token_index),
+                                 query_start_loc=torch.from_numpy(sub_starts).to(device),
+                                 seq_lens=self.seq_lens.index_select(0, seq_index),
+                                 block_tables=self.block_tables.index_select(0, seq_index),
+                                 block_size=self.block_size, max_query_len=max(query_lens, default=0),
+                                 max_seq_len=max(seq_lens, default=0), query_lens_list=tuple(query_lens),
+                                 seq_lens_list=tuple(seq_lens))
+        return meta, token_index
 
     @classmethod
     def build(cls, start_positions: Sequence[int], query_lens: Sequence[int],
@@ -166,13 +196,32 @@ def paged_attention_reference(query: torch.Tensor, layer_cache: torch.Tensor, me
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class SequenceGroup:
+    """Some of a step's sequences attended together: their metadata and their token rows in the step."""
+
+    meta: AttentionMetadata
+    token_index: torch.Tensor       # [T_sub] int64
+
+
+def split_by_chunk_length(query_lens: Sequence[int], threshold: int) -> tuple[list[int], list[int]]:
+    """Indices of the sequences with at least `threshold` new tokens, and of the others."""
+    long = [i for i, n in enumerate(query_lens) if n >= threshold]
+    short = [i for i, n in enumerate(query_lens) if n < threshold]
+    return long, short
+
+
 @dataclass(slots=True)
 class ForwardContext:
     """What every attention layer of a model needs during one forward pass."""
 
     kv_cache: torch.Tensor          # [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size]
     meta: AttentionMetadata
-    _kernel_args: tuple[torch.Tensor, torch.Tensor | None] | None = None   # built on first kernel call
+    # Built on first use and shared by every layer: the int32 kernel arguments of each metadata the
+    # context owns (its own and its split's, keyed by id: they live as long as the context), and the
+    # split of a step that mixes long chunks with decodes.
+    _kernel_args: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    _split: tuple[SequenceGroup, SequenceGroup] | None = None
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -195,16 +244,41 @@ class ForwardContext:
 
         query: [T, H, D]; returns [T, H, D]
         """
-        if (self.meta.max_query_len >= FLASH_PREFILL_MIN_QUERY_LEN
-                and flash_prefill.flash_supported(query, self.kv_cache)):
-            return flash_prefill.paged_flash_attention(query, self.kv_cache, layer, self.meta, scale)
-        if self._kernel_args is None:
+        meta = self.meta
+        if meta.max_query_len < FLASH_PREFILL_MIN_QUERY_LEN or not flash_prefill.flash_supported(
+                query, self.kv_cache):
+            return self._paged_kernel(layer, query, scale, meta)
+        split = self._split_step()
+        if split is None:                   # every sequence has a long chunk
+            return flash_prefill.paged_flash_attention(query, self.kv_cache, layer, meta, scale)
+        long, short = split
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)             # [T, H, D]
+        out.index_copy_(0, long.token_index, flash_prefill.paged_flash_attention(
+            query.index_select(0, long.token_index), self.kv_cache, layer, long.meta, scale))
+        out.index_copy_(0, short.token_index, self._paged_kernel(
+            layer, query.index_select(0, short.token_index), scale, short.meta))
+        return out
+
+    def _split_step(self) -> tuple[SequenceGroup, SequenceGroup] | None:
+        """The step's long-chunk and short (decode) sequences as two groups; None when none is short."""
+        if self._split is None:
+            long, short = split_by_chunk_length(self.meta.query_lens_list, FLASH_PREFILL_MIN_QUERY_LEN)
+            if not short:
+                return None
+            self._split = (SequenceGroup(*self.meta.select(long)), SequenceGroup(*self.meta.select(short)))
+        return self._split
+
+    def _paged_kernel(self, layer: int, query: torch.Tensor, scale: float,
+                      meta: AttentionMetadata) -> torch.Tensor:
+        """Our paged attention kernel over `meta`'s sequences. query: [T, H, D]; returns [T, H, D]."""
+        args = self._kernel_args.get(id(meta))
+        if args is None:
             # int32 copies made once per forward pass, not once per layer. Decode passes no token
             # offsets: the kernel then maps sequence i to query row i.
-            seq_lens = self.meta.seq_lens.to(torch.int32)                                    # [S]
-            starts = None if self.meta.is_decode_only else self.meta.query_start_loc.to(torch.int32)  # [S+1]
-            self._kernel_args = (seq_lens, starts)
-        seq_lens, starts = self._kernel_args
+            seq_lens = meta.seq_lens.to(torch.int32)                                           # [S]
+            starts = None if meta.is_decode_only else meta.query_start_loc.to(torch.int32)     # [S+1]
+            args = self._kernel_args[id(meta)] = (seq_lens, starts)
+        seq_lens, starts = args
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)              # [T, H, D]
-        return ops.paged_attention(out, query, self.kv_cache, layer, self.meta.block_tables, seq_lens, starts,
-                                   scale, self.meta.max_seq_len, self.meta.max_query_len)
+        return ops.paged_attention(out, query, self.kv_cache, layer, meta.block_tables, seq_lens, starts,
+                                   scale, meta.max_seq_len, meta.max_query_len)

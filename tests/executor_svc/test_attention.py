@@ -10,6 +10,7 @@ from executor_svc.attention import (  # noqa: E402
     AttentionMetadata,
     ForwardContext,
     gather_context,
+    split_by_chunk_length,
     write_kv_reference,
 )
 
@@ -85,3 +86,28 @@ def test_metadata_layout():
     assert meta.seq_lens.tolist() == [3, 6]
     assert meta.block_tables.tolist() == [[7, 2], [4, 9]]
     assert (meta.max_query_len, meta.max_seq_len, meta.is_decode_only) == (3, 6, False)
+
+
+def test_split_by_chunk_length():
+    assert split_by_chunk_length([1, 300, 1, 255, 256], 256) == ([1, 4], [0, 2, 3])
+    assert split_by_chunk_length([], 256) == ([], [])
+
+
+@pytest.mark.parametrize("seqs", [[1, 3], [0], [0, 1, 2, 3], [2]])
+def test_select_is_the_subset_built_on_its_own(seqs):
+    starts, lens = [5, 0, 40, 17], [1, 300, 1, 20]
+    tables = [[3, 9], list(range(10, 29)), [1, 2, 4], [30, 31, 32]]
+    meta = AttentionMetadata.build(starts, lens, tables, 16)
+    sub, token_index = meta.select(seqs)
+    own = AttentionMetadata.build([starts[i] for i in seqs], [lens[i] for i in seqs],
+                                  [tables[i] for i in seqs], 16)
+    for name in ("slot_mapping", "positions", "query_start_loc", "seq_lens"):
+        assert torch.equal(getattr(sub, name), getattr(own, name)), name
+    # The subset keeps the step's table width (rows padded with 0); the blocks it holds are the same.
+    assert torch.equal(sub.block_tables[:, :own.block_tables.shape[1]], own.block_tables)
+    assert (sub.max_query_len, sub.max_seq_len, sub.query_lens_list, sub.seq_lens_list) == (
+        own.max_query_len, own.max_seq_len, own.query_lens_list, own.seq_lens_list)
+    offsets = [0, 1, 301, 302, 322]
+    expected_rows = [r for i in seqs for r in range(offsets[i], offsets[i + 1])]
+    assert token_index.tolist() == expected_rows
+    assert torch.equal(meta.positions[token_index], sub.positions)

@@ -137,3 +137,41 @@ def test_gather_on_the_gpu_matches_the_cpu() -> None:
     for got, want in zip(on_gpu, on_cpu, strict=True):
         assert got.is_cuda
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_step_mixing_decodes_and_long_chunks_gathers_only_the_long_ones(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long prompt chunks go through gather + FA2, every decode and short chunk through our kernel, and the
+    step's output equals the reference; the gather copies only the long chunks' context."""
+    from executor_svc import flash_prefill, ops
+    from executor_svc.attention import ForwardContext
+
+    assert ops.kernels_available(), "the CUDA kernels did not build (see the log)"
+    rng = random.Random(11)
+    torch.manual_seed(11)
+    cached = [700, 0, 33, 1500, 64, 0, 250]
+    new = [1, 400, 1, 1, 300, 17, 1]           # decodes, two long chunks, one short chunk
+    num_heads, num_kv_heads, head_size, block_size = 16, 4, 128, 16
+    lengths = [c + n for c, n in zip(cached, new, strict=True)]
+    cache, tables = poisoned_cache(rng, lengths, num_kv_heads, head_size, block_size, dtype)
+    meta = AttentionMetadata.build(cached, new, tables, block_size, DEVICE)
+    query = torch.randn(meta.num_tokens, num_heads, head_size, device=DEVICE).to(dtype)     # [T, H, D]
+    key = torch.randn(meta.num_tokens, num_kv_heads, head_size, device=DEVICE).to(dtype)   # [T, Hkv, D]
+    value = torch.randn(meta.num_tokens, num_kv_heads, head_size, device=DEVICE).to(dtype)
+    gathered: list[int] = []
+    real_gather = flash_prefill.gather_paged_kv
+
+    def counting_gather(*args, **kwargs):
+        result = real_gather(*args, **kwargs)
+        gathered.append(result[0].shape[0])
+        return result
+
+    monkeypatch.setattr(flash_prefill, "gather_paged_kv", counting_gather)
+    out = ForwardContext(cache, meta).attend(LAYER, query, key, value, head_size**-0.5)
+    # The reference reads the cache the kernel path just wrote this step's K/V into.
+    expected = paged_attention_reference(query.float(), cache[:, LAYER].float(), meta, head_size**-0.5)
+    assert not out.isnan().any(), "NaN in the output (a poisoned slot was read)"
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+    assert gathered == [lengths[1] + lengths[4]]          # the two long chunks' context, nothing else
