@@ -312,8 +312,9 @@ def check_run_shape(run: Run, calls: KernelCalls, block_size: int, attention_ker
     prefill_steps = run.steps - run.decode_steps
     assert calls.cache_writes == run.num_layers * (prefill_steps + counted_decode_steps), calls.counts
     if attention_kernel:
-        # The prefill step of prompts this long goes through the gather + FA2 path instead.
-        prefill_on_ours = max(PROMPT_LENGTHS) < FLASH_PREFILL_MIN_QUERY_LEN
+        # Prompts this long go through the gather + FA2 path instead; the rest of their step (when any
+        # prompt is shorter) through our kernel, one call per layer.
+        prefill_on_ours = min(PROMPT_LENGTHS) < FLASH_PREFILL_MIN_QUERY_LEN
         expected = run.num_layers * (counted_decode_steps + prefill_steps * prefill_on_ours)
         assert calls.attention == expected, f"steps did not all run our attention kernel: {calls.counts}"
 
