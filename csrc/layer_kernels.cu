@@ -183,7 +183,10 @@ bool packs_of_8(int64_t hidden, std::initializer_list<const at::Tensor*> tensors
 }
 
 template <typename scalar_t, int VEC, bool kAddResidual>
-void launch_rms_norm(at::Tensor& out, const at::Tensor& input, at::Tensor* residual, const at::Tensor& weight,
+void launch_rms_norm(at::Tensor& out,            // [N, H] contiguous
+                     const at::Tensor& input,    // [N, H], last dim contiguous
+                     at::Tensor* residual,       // [N, H] contiguous, or null
+                     const at::Tensor& weight,   // [H]
                      double eps, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   const int64_t rows = input.size(0);
@@ -216,7 +219,9 @@ void rms_norm_dispatch(at::Tensor& out,            // [N, H] contiguous
 }
 
 template <typename scalar_t, int VEC>
-void launch_silu_and_mul(at::Tensor& out, const at::Tensor& input, cudaStream_t stream) {
+void launch_silu_and_mul(at::Tensor& out,            // [N, I] contiguous
+                         const at::Tensor& input,    // [N, 2 * I], last dim contiguous
+                         cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   const int64_t rows = input.size(0);
   const int intermediate = static_cast<int>(out.size(1));
