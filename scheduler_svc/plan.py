@@ -24,8 +24,8 @@ class SequenceStart:
     """What the executor needs when it meets a sequence id for the first time.
 
     A sequence is new to the executor when it is admitted or re-admitted for recomputation; its
-    history is then exactly the tokens this step computes. Forked sequences arrive through
-    `StepPlan.forks` instead.
+    history is then `cached_token_ids` followed by the tokens this step computes. Forked sequences
+    arrive through `StepPlan.forks` instead.
     """
 
     request_id: str
@@ -41,6 +41,9 @@ class SequenceStart:
     frequency_penalty: float = 0.0
     min_tokens: int = 0             # suppress `suppressed_token_ids` until this many tokens are generated
     suppressed_token_ids: tuple[int, ...] = ()   # EOS (unless ignore_eos) and stop token ids
+    # A cached prefix (prefix caching): leading prompt tokens whose K/V other sequences already wrote
+    # into blocks this sequence's table starts with; its first step computes from the position after.
+    cached_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)

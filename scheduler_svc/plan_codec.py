@@ -53,6 +53,7 @@ def plan_to_proto(plan: StepPlan) -> pb.StepPlan:
             for name in _START_FIELDS:
                 setattr(start, name, getattr(work.start, name))
             start.suppressed_token_ids.extend(work.start.suppressed_token_ids)
+            start.cached_token_ids.extend(work.start.cached_token_ids)
     return msg
 
 
@@ -64,7 +65,8 @@ def plan_from_proto(msg: pb.StepPlan) -> StepPlan:
         if item.HasField("start"):
             s = item.start
             start = SequenceStart(**{name: getattr(s, name) for name in _START_FIELDS},
-                                  suppressed_token_ids=tuple(s.suppressed_token_ids))
+                                  suppressed_token_ids=tuple(s.suppressed_token_ids),
+                                  cached_token_ids=tuple(s.cached_token_ids))
         sequences.append(SequenceWork(item.seq_id, list(item.token_ids), item.start_position,
                                       item.block_table_start, list(item.block_ids), item.num_samples,
                                       item.num_logprobs, start, item.feeds_last_sample))

@@ -40,7 +40,10 @@ def validate_plan(plan: StepPlan, known: SequenceLengths, block_size: int, num_g
 def _validate_work(work: SequenceWork, lengths: SequenceLengths, block_size: int,
                    num_gpu_blocks: int) -> None:
     if work.start is not None:
-        history, table, sampled = 0, 0, False
+        history, table, sampled = len(work.start.cached_token_ids), 0, False
+        if history > work.start.num_prompt_tokens:
+            raise MalformedPlanError(f"seq {work.seq_id}: {history} cached tokens but a prompt of "
+                                     f"{work.start.num_prompt_tokens}")
     elif work.seq_id in lengths:
         history, table, sampled = lengths[work.seq_id]
     else:

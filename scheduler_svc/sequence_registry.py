@@ -50,7 +50,8 @@ class SequenceRegistry(dict[int, SequenceState]):
         or, mid-prompt, leaves nothing to feed back.
         """
         if work.start is not None:
-            state = self[work.seq_id] = SequenceState(work.start, work.start.sample_index)
+            state = self[work.seq_id] = SequenceState(work.start, work.start.sample_index,
+                                                      list(work.start.cached_token_ids))
         else:
             state = self[work.seq_id]
         state.block_table[work.block_table_start:] = work.block_ids
