@@ -40,8 +40,9 @@ class SimulatedBackend:
         block_bytes = block_size * _SLOT_BYTES
         num_gpu = int(c.simulated_kv_tokens * gpu_memory_utilization) // block_size
         num_cpu = swap_space_bytes // block_bytes
+        # A swapped-out block keeps its contents, as on a GPU: the scheduler may be caching prefixes.
         self._executor = SimulatedExecutor(num_gpu, num_cpu, block_size, vocab_size=c.simulated_vocab_size,
-                                           eos_token_id=c.simulated_eos_token_id)
+                                           eos_token_id=c.simulated_eos_token_id, poison_swapped_out=False)
         return CacheDescription(num_gpu, num_cpu, block_bytes, time.perf_counter() - start)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from scheduler_svc.prefix_cache import PrefixCache
+
 
 class OutOfBlocksError(RuntimeError):
     """Raised when a block is requested from an empty pool; callers check `num_free` first."""
@@ -13,12 +15,17 @@ class BlockAllocator:
     A block is free exactly when its reference count is 0. Shared blocks (parallel sampling, beams,
     copy-on-write) carry one reference per block-table entry that points at them. `fill[b]` counts the
     token slots of block b that hold a token, so KV utilization is O(1) to report.
+
+    With a prefix cache, a cached block that loses its last reference is parked there instead of
+    joining the free list: it still counts as free, and is evicted (its contents forgotten) only when
+    no plain free block is left.
     """
 
-    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "num_blocks", "ref_counts",
-                 "total_refs")
+    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "num_blocks", "prefix_cache",
+                 "ref_counts", "total_refs")
 
-    def __init__(self, device: str, num_blocks: int, block_size: int) -> None:
+    def __init__(self, device: str, num_blocks: int, block_size: int,
+                 prefix_cache: PrefixCache | None = None) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.device = device
@@ -30,25 +37,45 @@ class BlockAllocator:
         self.fill: list[int] = [0] * num_blocks
         self.filled_slots = 0
         self.total_refs = 0     # block-table entries pointing into the pool: the blocks used without sharing
+        self.prefix_cache = prefix_cache
 
     @property
     def num_free(self) -> int:
-        """Blocks with no reference."""
-        return len(self.free_ids)
+        """Blocks with no reference (cached ones included: they are evicted on demand)."""
+        cache = self.prefix_cache
+        return len(self.free_ids) + (len(cache.evictable) if cache is not None else 0)
 
     @property
     def num_used(self) -> int:
         """Blocks with at least one reference."""
-        return self.num_blocks - len(self.free_ids)
+        return self.num_blocks - self.num_free
 
     def allocate(self) -> int:
-        """Take a free block with one reference."""
-        if not self.free_ids:
+        """Take a free block with one reference: a plain free one, else the least recently parked
+        cached block (whose contents are then forgotten)."""
+        if self.free_ids:
+            block = self.free_ids.pop()
+        elif self.prefix_cache is not None and self.prefix_cache.evictable:
+            block = self.prefix_cache.evict()
+        else:
             raise OutOfBlocksError(f"no free {self.device} block (all {self.num_blocks} in use)")
-        block = self.free_ids.pop()
         self.ref_counts[block] = 1
         self.total_refs += 1
         return block
+
+    def take_cached(self, block: int) -> None:
+        """Add a reference to a cached block found by a prefix lookup (parked or in use); it is full."""
+        if self.ref_counts[block] == 0:
+            assert self.prefix_cache is not None
+            self.prefix_cache.unpark(block)
+        self.ref_counts[block] += 1
+        self.total_refs += 1
+        self.set_fill(block, self.block_size)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block's contents; parked ones join the free list."""
+        if self.prefix_cache is not None:
+            self.free_ids.extend(self.prefix_cache.clear())
 
     def incref(self, block: int) -> None:
         """Add a reference to a block already in use (sharing)."""
@@ -65,7 +92,10 @@ class BlockAllocator:
         if count == 0:
             self.filled_slots -= self.fill[block]
             self.fill[block] = 0
-            self.free_ids.append(block)
+            if self.prefix_cache is not None and self.prefix_cache.holds(block):
+                self.prefix_cache.park(block)
+            else:
+                self.free_ids.append(block)
 
     def set_fill(self, block: int, slots: int) -> None:
         """Record that `slots` leading token slots of `block` hold tokens (never decreases it)."""
@@ -87,6 +117,10 @@ class BlockAllocator:
         """
         free = set(self.free_ids)
         assert len(free) == len(self.free_ids), f"{self.device}: a block id is free twice"
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_integrity(self.ref_counts)
+            assert not free & set(self.prefix_cache.evictable), f"{self.device}: a parked block is free too"
+            free |= set(self.prefix_cache.evictable)
         used = sum(1 for c in self.ref_counts if c > 0)
         assert len(free) + used == self.num_blocks, (
             f"{self.device}: free {len(free)} + used {used} != total {self.num_blocks}")

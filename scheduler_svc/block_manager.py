@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 
 from scheduler_svc.block_allocator import BlockAllocator
 from scheduler_svc.config import ReservationMode
+from scheduler_svc.prefix_cache import ROOT, PrefixCache
 from scheduler_svc.reservation import reserved_tokens
 from scheduler_svc.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -30,13 +31,16 @@ class BlockManager:
     In PAGED mode blocks are taken on demand and shared with reference counts; in the reserving modes
     (Orca emulation) each sequence takes its whole reservation at admission and nothing is shared.
     A watermark of free GPU blocks is kept back from admission and swap-in so that running sequences
-    can keep appending without an immediate preemption.
+    can keep appending without an immediate preemption. With `prefix_caching` (PAGED mode), full
+    prompt blocks are cached by content and an admitted prompt starts with the longest cached prefix.
     """
 
     def __init__(self, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int, watermark: float = 0.01,
-                 reservation: ReservationMode = ReservationMode.PAGED, max_model_len: int = 1 << 30) -> None:
+                 reservation: ReservationMode = ReservationMode.PAGED, max_model_len: int = 1 << 30,
+                 prefix_caching: bool = False) -> None:
         self.block_size = block_size
-        self.gpu = BlockAllocator("gpu", num_gpu_blocks, block_size)
+        self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
+        self.gpu = BlockAllocator("gpu", num_gpu_blocks, block_size, self.prefix_cache)
         self.cpu = BlockAllocator("cpu", num_cpu_blocks, block_size)
         self.watermark_blocks = int(watermark * num_gpu_blocks)
         self.reservation = reservation
@@ -69,25 +73,62 @@ class BlockManager:
             total += (group.params.num_sequences - len(seqs)) * self._table_blocks(group, seqs[0])
         return total
 
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a waiting sequence would start with: its longest cached run of full prompt
+        blocks, leaving at least its last token to compute (a step must produce its next logits)."""
+        if self.prefix_cache is None:
+            return []
+        max_blocks = min(seq.prompt_len, seq.num_tokens - 1) // self.block_size
+        return self.prefix_cache.match(seq.token_ids, max_blocks) if max_blocks > 0 else []
+
+    def tokens_to_compute(self, group: SequenceGroup) -> int:
+        """Tokens admitting a waiting group computes: all of its sequences' tokens but cached prefixes."""
+        bs = self.block_size
+        return sum(s.num_tokens - len(self.cached_prefix(s)) * bs for s in group.unfinished_seqs())
+
     def can_allocate(self, group: SequenceGroup) -> AllocStatus:
         """Whether a waiting group's blocks fit now, later, or never."""
         need = self.blocks_to_admit(group)
         if need > self.gpu.num_blocks - self.watermark_blocks:
             return AllocStatus.NEVER
+        if self.prefix_cache is not None:
+            need -= self._cached_saving(group)
         if self.gpu.num_free - need < self.watermark_blocks:
             return AllocStatus.LATER
         return AllocStatus.OK
 
+    def _cached_saving(self, group: SequenceGroup) -> int:
+        """Free blocks a group's cached prefixes save it: hits on blocks in use cost none, while a hit on
+        a parked block takes that block out of the free count (once, however many sequences share it)."""
+        hits = [block for seq in group.unfinished_seqs() for block in self.cached_prefix(seq)]
+        parked = {block for block in hits if self.gpu.ref_counts[block] == 0}
+        return len(hits) - len(parked)
+
     def allocate(self, group: SequenceGroup) -> None:
-        """Give each unfinished sequence of a waiting group private blocks for all its tokens.
+        """Give each unfinished sequence of a waiting group blocks for all its tokens.
 
         A fresh group has one sequence (the prompt); a group re-admitted for recomputation has one
-        table per sequence. Reserving modes also set aside the tables its future forks will use.
+        table per sequence. With prefix caching each table starts with the sequence's cached prefix,
+        shared, and those tokens count as computed. Reserving modes also set aside the tables its
+        future forks will use.
         """
         seqs = group.unfinished_seqs()
         for seq in seqs:
             assert not seq.block_table, f"seq {seq.seq_id} already holds blocks"
-            seq.block_table = self._new_table(self._table_blocks(group, seq), seq.num_tokens)
+            cached = self.cached_prefix(seq)
+            for block in cached:
+                self.gpu.take_cached(block)
+            cached_tokens = len(cached) * self.block_size
+            seq.block_table = cached + self._new_table(self._table_blocks(group, seq) - len(cached),
+                                                       seq.num_tokens - cached_tokens)
+            seq.num_computed_tokens = cached_tokens
+            seq.num_cached_blocks = len(cached)
+            seq.prefix_content_id = self.prefix_cache.content_id(cached[-1]) if cached else ROOT
+        if self.prefix_cache is not None:
+            first = seqs[0]
+            self.prefix_cache.record_lookup(first.prompt_len, first.num_computed_tokens)
+            if group.first_scheduled_time is None:
+                group.num_cached_prompt_tokens = first.num_computed_tokens
         if self.reserving and group.needs_fork:
             per_seq = self._table_blocks(group, seqs[0])
             for _ in range(group.params.num_sequences - len(seqs)):
@@ -102,6 +143,27 @@ class BlockManager:
                 break
             self.gpu.set_fill(block, filled)
         return table
+
+    def cache_computed_blocks(self, seq: Sequence, end: int) -> None:
+        """Cache the sequence's full prompt blocks below position `end` (a step computing them is
+        planned: any later step, or a later sequence of the same step, finds their K/V written)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        bs = self.block_size
+        last = min(end, seq.prompt_len) // bs
+        for i in range(seq.num_cached_blocks, last):
+            block = seq.block_table[i]
+            if cache.holds(block):      # shared with a sequence that cached it (its prefix, other ids)
+                seq.prefix_content_id = cache.content_id(block)
+                continue
+            seq.prefix_content_id = cache.register(seq.prefix_content_id, seq.token_ids[i * bs:(i + 1) * bs],
+                                                   block)
+        seq.num_cached_blocks = max(seq.num_cached_blocks, last)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (the executors' KV contents are gone)."""
+        self.gpu.clear_prefix_cache()
 
     # ---- decoding --------------------------------------------------------------------------------
 
@@ -171,6 +233,8 @@ class BlockManager:
             for block in parent.block_table:
                 self.gpu.incref(block)
             child.block_table = parent.block_table.copy()
+            child.num_cached_blocks = parent.num_cached_blocks          # its prompt blocks are the parent's
+            child.prefix_content_id = parent.prefix_content_id
             return []
         table = child.group.reserved_tables.pop()
         copies = []

@@ -59,6 +59,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     enable_chunked_prefill: bool = False
+    # Cache full prompt blocks by content; a prompt that starts like an earlier one reuses its blocks.
+    enable_prefix_caching: bool = False
     preemption_mode: PreemptionPolicy = PreemptionPolicy.AUTO
     reservation: ReservationMode = ReservationMode.PAGED
     watermark: float = 0.01
@@ -95,6 +97,9 @@ class SchedulerConfig:
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                f"must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.swap_space_bytes >= 0, "swap_space_bytes", "must be >= 0")
+        _check(not self.enable_prefix_caching or self.reservation is ReservationMode.PAGED,
+               "enable_prefix_caching", f"needs reservation 'paged' (blocks shared by reference), got "
+               f"{self.reservation.value!r}")
         self._check_serving()
 
     def _check_serving(self) -> None:

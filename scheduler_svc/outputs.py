@@ -39,5 +39,6 @@ class RequestOutput:
     error: str | None = None
     error_kind: RequestErrorKind | None = None
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0   # prompt tokens found in the prefix cache (terminal report)
     # Seconds from arrival to first scheduling; None if the request never ran.
     queue_seconds: float | None = None

@@ -168,7 +168,8 @@ class RequestStream:
                 self._updates.put_nowait(StreamUpdate(choices, error=(kind, output.error)))
                 return
             usage = Usage(prompt_tokens=output.num_prompt_tokens,
-                          completion_tokens=sum(self._num_tokens.values()), cached_prompt_tokens=0,
+                          completion_tokens=sum(self._num_tokens.values()),
+                          cached_prompt_tokens=output.num_cached_prompt_tokens,
                           num_preemptions=output.num_preemptions)
             self._updates.put_nowait(StreamUpdate(choices, usage=usage))
         elif choices:

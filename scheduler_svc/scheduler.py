@@ -68,7 +68,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.vocab_size = vocab_size
         self.block_manager = BlockManager(config.block_size, num_gpu_blocks, num_cpu_blocks, config.watermark,
-                                          config.reservation, max_model_len)
+                                          config.reservation, max_model_len, config.enable_prefix_caching)
         self.waiting: list[SequenceGroup] = []   # each queue kept sorted by sort_key
         self.running: list[SequenceGroup] = []
         self.swapped: list[SequenceGroup] = []
@@ -272,7 +272,7 @@ class Scheduler:
                 continue
             if status is AllocStatus.LATER or group.max_running_seqs() > budget.seqs_left:
                 break
-            prompt_tokens = sum(s.num_tokens for s in group.unfinished_seqs())
+            prompt_tokens = bm.tokens_to_compute(group)
             first_prompt = budget.prompt_tokens_left == self.config.max_num_batched_tokens
             if budget.prompt_tokens_left <= 0 or (
                     not chunked and prompt_tokens > budget.prompt_tokens_left and not first_prompt):
@@ -354,6 +354,7 @@ class Scheduler:
                             start=self._sequence_start(seq) if known < 0 else None,
                             feeds_last_sample=end > len(seq.token_ids))
         seq.executor_table_len = len(seq.block_table)
+        self.block_manager.cache_computed_blocks(seq, end)
         seq.num_in_flight_tokens += num_tokens
         seq.num_pending_samples += num_samples > 0
         plan.sequences.append(work)
@@ -370,7 +371,8 @@ class Scheduler:
                              sample_index=seq.sample_index, temperature=p.temperature, top_p=p.top_p,
                              top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                              presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                             min_tokens=p.min_tokens, suppressed_token_ids=suppressed)
+                             min_tokens=p.min_tokens, suppressed_token_ids=suppressed,
+                             cached_token_ids=tuple(seq.token_ids[:seq.num_computed_tokens]))
 
     def _take_pending_copies(self, group: SequenceGroup, plan: StepPlan) -> None:
         if group.pending_copies:
@@ -439,6 +441,7 @@ class Scheduler:
         self.running, self.swapped = [], []
         for group in groups:
             self._drop_for_recompute(group, None)
+        self.block_manager.clear_prefix_cache()     # a restarted executor's cache holds nothing
         return len(groups)
 
     def in_flight_request_ids(self) -> list[str]:
@@ -664,6 +667,7 @@ class Scheduler:
                                            num_generated_tokens=generated, error=group.error,
                                            error_kind=group.error_kind,
                                            num_preemptions=group.num_preemptions,
+                                           num_cached_prompt_tokens=group.num_cached_prompt_tokens,
                                            queue_seconds=_queue_seconds(group) if finished else None))
 
     # ---- introspection ---------------------------------------------------------------------------
@@ -680,7 +684,9 @@ class Scheduler:
             num_preemptions_swap=self.num_preemptions[PreemptionPolicy.SWAP],
             num_preemptions_recompute=self.num_preemptions[PreemptionPolicy.RECOMPUTE],
             kv_utilization=bm.gpu_utilization(), num_finished=self.num_finished,
-            kv_sharing_saved=bm.gpu_sharing_saved())
+            kv_sharing_saved=bm.gpu_sharing_saved(),
+            prefix_cache_queried_tokens=bm.prefix_cache.queried_tokens if bm.prefix_cache else 0,
+            prefix_cache_hit_tokens=bm.prefix_cache.hit_tokens if bm.prefix_cache else 0)
 
     def check_integrity(self) -> None:
         """Assert every invariant: exact block accounting, one state per group, queues consistent."""

@@ -42,8 +42,9 @@ class Sequence:
 
     __slots__ = (
         "block_table", "cumulative_logprob", "executor_table_len", "finish_reason", "group",
-        "num_computed_tokens", "num_in_flight_tokens", "num_pending_samples", "output_logprobs",
-        "prompt_len", "sample_index", "seq_id", "status", "stop_reason", "token_ids",
+        "num_cached_blocks", "num_computed_tokens", "num_in_flight_tokens", "num_pending_samples",
+        "output_logprobs", "prefix_content_id", "prompt_len", "sample_index", "seq_id", "status",
+        "stop_reason", "token_ids",
     )
 
     def __init__(self, seq_id: int, group: SequenceGroup, token_ids: list[int], prompt_len: int,
@@ -65,6 +66,10 @@ class Sequence:
         # How many leading block-table entries the executor holds correctly; 0 means it must be
         # sent in full. -1 means the executor does not know this sequence at all.
         self.executor_table_len = -1
+        # Prefix caching: leading prompt blocks found in or given to the cache, and the content id of
+        # the prefix they hold (the next full prompt block is cached under it).
+        self.num_cached_blocks = 0
+        self.prefix_content_id = 0
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +156,7 @@ class SequenceGroup:
     # Copy-on-fork pairs of reserving modes, sent with this group's next scheduled step.
     pending_copies: list[tuple[int, int]] = field(default_factory=list)
     first_scheduled_time: float | None = None
+    num_cached_prompt_tokens: int = 0   # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
     num_unfinished: int = 0          # kept by the scheduler as sequences are added and finish
     prompt_len: int = field(init=False)

@@ -54,7 +54,7 @@ def simulate(config: SchedulerConfig, requests: Sequence[SimulatedRequest], num_
     scheduler = Scheduler(config, num_gpu_blocks, num_cpu_blocks, max_model_len, eos_token_ids=(),
                           vocab_size=vocab_size, seed=0)
     executor = SimulatedExecutor(num_gpu_blocks, num_cpu_blocks, config.block_size, vocab_size=vocab_size,
-                                 verify=check_integrity)
+                                 verify=check_integrity, poison_swapped_out=not config.enable_prefix_caching)
     for i, request in enumerate(requests):
         scheduler.add_request(f"sim-{i}", request.prompt_token_ids, request.params)
     start = time.perf_counter()

@@ -45,7 +45,8 @@ class SimulatedExecutor:
     """Executes step plans on token-level GPU and CPU pools (see the module docstring)."""
 
     def __init__(self, num_gpu_blocks: int, num_cpu_blocks: int, block_size: int, vocab_size: int = 32000,
-                 eos_token_id: int | None = None, eos_probability: float = 0.0, verify: bool = True) -> None:
+                 eos_token_id: int | None = None, eos_probability: float = 0.0, verify: bool = True,
+                 poison_swapped_out: bool = True) -> None:
         self.block_size = block_size
         self.num_gpu_blocks = num_gpu_blocks
         self.num_cpu_blocks = num_cpu_blocks
@@ -55,6 +56,10 @@ class SimulatedExecutor:
         self.eos_token_id = eos_token_id
         self._eos_threshold = int(eos_probability * (1 << 32))
         self.verify = verify
+        # Erase a GPU block swapped out, so a table still pointing at it reads garbage. Only sound
+        # while nothing else may read the block: prefix caching keeps it cached, or in another
+        # request's table, so a stack that caches prefixes runs without it (as a GPU does).
+        self.poison_swapped_out = poison_swapped_out
         self.seqs = SequenceRegistry()
         self.steps = 0
         self.blocks_swapped = 0
@@ -65,7 +70,7 @@ class SimulatedExecutor:
         self.validate(plan)
         self.steps += 1
         self.seqs.apply_forks(plan.forks)
-        self._move_blocks(plan.swap_out, self.gpu, self.cpu, poison_src=True)
+        self._move_blocks(plan.swap_out, self.gpu, self.cpu, poison_src=self.poison_swapped_out)
         self._move_blocks(plan.swap_in, self.cpu, self.gpu, poison_src=False)
         self._move_blocks(plan.copy, self.gpu, self.gpu, poison_src=False)
         self.blocks_swapped += len(plan.swap_out) + len(plan.swap_in)
@@ -83,7 +88,7 @@ class SimulatedExecutor:
         bs = self.block_size
         for s, d in pairs:
             dst[d * bs:(d + 1) * bs] = src[s * bs:(s + 1) * bs]
-            if poison_src:       # a swapped-out GPU block is free: nothing may read it any more
+            if poison_src:
                 src[s * bs:(s + 1) * bs] = [_EMPTY] * bs
 
     def _run(self, work: SequenceWork) -> SequenceResult:
@@ -159,6 +164,7 @@ class FinishedRequest:
     finish_reasons: dict[int, str] = field(default_factory=dict)
     error: str | None = None
     finished: bool = False
+    cached_prompt_tokens: int = 0
 
 
 def collect(outputs: list[RequestOutput], into: dict[str, FinishedRequest]) -> None:
@@ -172,3 +178,5 @@ def collect(outputs: list[RequestOutput], into: dict[str, FinishedRequest]) -> N
                 done.finish_reasons[c.index] = c.finish_reason.value
         done.error = out.error
         done.finished = out.finished
+        if out.finished:
+            done.cached_prompt_tokens = out.num_cached_prompt_tokens

@@ -155,3 +155,46 @@ def test_sampled_outputs_survive_preemption_unchanged(tiny_model):
     assert outputs[PreemptionPolicy.RECOMPUTE] == outputs[PreemptionPolicy.AUTO]
     first = outputs[PreemptionPolicy.AUTO]["r1"]
     assert first[0] != first[1]                       # the two samples of a request differ
+
+
+def test_prefix_caching_changes_no_output(tiny_model):
+    """Prompts that share prefixes, served with their full blocks cached and shared across requests,
+    give the same tokens as without caching: greedy, seeded sampling and penalties (which read the
+    cached tokens as history), arriving together and one after another."""
+    from executor_svc.config import ExecutorConfig
+    from executor_svc.model_backend import ModelBackend
+
+    _, path, _ = tiny_model
+    backend = ModelBackend(ExecutorConfig(model=str(path), device="cpu", dtype="float32",
+                                          cpu_kv_cache_bytes=1 << 22))
+    backend.init_cache(BLOCK_SIZE, 0.9, 0)
+    shared = [3 + (11 * j) % (VOCAB - 3) for j in range(13)]          # three full blocks and one token
+    requests = [([*shared, 5, 6], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)),
+                ([*shared, 7], SamplingParams(temperature=0.9, seed=4, max_tokens=MAX_NEW, ignore_eos=True)),
+                (shared[:12], SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)),
+                ([*shared, 8, 9, 10], SamplingParams(temperature=0.7, seed=5, repetition_penalty=1.3,
+                                                     frequency_penalty=0.4, n=2, max_tokens=MAX_NEW,
+                                                     ignore_eos=True))]
+    outputs, cached_tokens = {}, {}
+    for caching in (False, True):
+        backend.reset_sequences()
+        config = SchedulerConfig(block_size=BLOCK_SIZE, max_num_seqs=8, max_num_batched_tokens=128,
+                                 watermark=0.0, enable_prefix_caching=caching)
+        scheduler = Scheduler(config, 256, 0, 128, seed=0)
+        done, step = {}, 0
+        while step == 0 or scheduler.has_unfinished:
+            if step in (0, 2):          # the first request alone, the rest two steps later
+                for i, (prompt, params) in enumerate(requests[:1] if step == 0 else requests[1:]):
+                    scheduler.add_request(f"r{i + (step > 0)}", prompt, params)
+            plan = scheduler.schedule()
+            collect(scheduler.pop_outputs(), done)
+            if not plan.is_empty:
+                collect(scheduler.process_result(backend.execute(plan)), done)
+            scheduler.check_integrity()
+            step += 1
+        assert all(d.error is None for d in done.values())
+        outputs[caching] = {k: v.token_ids for k, v in done.items()}
+        cached_tokens[caching] = {k: v.cached_prompt_tokens for k, v in done.items()}
+    assert outputs[True] == outputs[False]
+    assert cached_tokens[False] == {"r0": 0, "r1": 0, "r2": 0, "r3": 0}
+    assert cached_tokens[True] == {"r0": 0, "r1": 12, "r2": 8, "r3": 12}

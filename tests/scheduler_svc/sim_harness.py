@@ -29,7 +29,8 @@ class Harness:
         self.scheduler = Scheduler(self.config, num_gpu_blocks, num_cpu_blocks, max_model_len,
                                    eos_token_ids=[EOS], vocab_size=VOCAB, seed=7)
         self.executor = SimulatedExecutor(num_gpu_blocks, num_cpu_blocks, block_size, vocab_size=VOCAB,
-                                          eos_token_id=EOS, eos_probability=eos_probability)
+                                          eos_token_id=EOS, eos_probability=eos_probability,
+                                          poison_swapped_out=not self.config.enable_prefix_caching)
         self.async_scheduling = async_scheduling
         self.done: dict[str, FinishedRequest] = {}
         self.plans: list[StepPlan] = []

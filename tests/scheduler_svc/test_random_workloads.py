@@ -3,7 +3,9 @@
 Every step: exact block accounting, one state per group, ordered queues, KV read back through the
 block tables equal to each sequence's history (the simulator checks it). At the end: every request
 ended with exactly one terminal report, no block is held, and every request that was neither aborted
-nor failed produced exactly the output it produces on an unconstrained pool (invariant 5).
+nor failed produced exactly the output it produces on an unconstrained pool (invariant 5), with or
+without prefix caching (the simulator's read-back proves every shared cached block holds the right
+tokens).
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def sampling_params(draw) -> SamplingParams:
 def request_specs(draw) -> RequestSpec:
     arrival = draw(st.integers(0, 15))
     abort = draw(st.one_of(st.none(), st.integers(arrival, arrival + 30)))
-    prompt = tuple(draw(st.lists(st.integers(3, 99), min_size=1, max_size=40)))
+    # Some prompts start alike (prefix caching shares their full blocks): two prefixes that share their
+    # first 12 tokens, and one of repeated tokens.
+    prefix = draw(st.sampled_from([(), (), tuple(range(10, 30)), tuple(range(10, 22)), (5,) * 7]))
+    prompt = prefix + tuple(draw(st.lists(st.integers(3, 99), min_size=0 if prefix else 1, max_size=40)))
     return RequestSpec(arrival, prompt, draw(sampling_params()), abort)
 
 
@@ -57,12 +62,14 @@ def request_specs(draw) -> RequestSpec:
 def workloads(draw):
     block_size = draw(st.sampled_from([1, 2, 4, 16]))
     chunked = draw(st.booleans())
+    reservation = draw(st.sampled_from([ReservationMode.PAGED] * 3 + list(ReservationMode)))
     config = {
         "block_size": block_size,
         "num_gpu_blocks": draw(st.one_of(st.integers(2, 24), st.integers(100, 400))) * 4 // block_size,
         "num_cpu_blocks": draw(st.integers(0, 256)) // block_size,
         "preemption_mode": draw(st.sampled_from(list(PreemptionPolicy))),
-        "reservation": draw(st.sampled_from([ReservationMode.PAGED] * 3 + list(ReservationMode))),
+        "reservation": reservation,
+        "enable_prefix_caching": reservation is ReservationMode.PAGED and draw(st.booleans()),
         "enable_chunked_prefill": chunked,
         "max_num_batched_tokens": draw(st.integers(4, 64)) if chunked else MAX_MODEL_LEN,
         "max_num_seqs": draw(st.integers(3, 16)),
@@ -123,7 +130,7 @@ def test_random_workloads_keep_every_invariant_and_reproduce_unconstrained_outpu
     constrained, aborted = run(config, specs, aborts=True)
     roomy = dict(config, num_gpu_blocks=4096 // config["block_size"] * 4, max_num_seqs=64,
                  num_cpu_blocks=0, enable_chunked_prefill=False, max_num_batched_tokens=MAX_MODEL_LEN,
-                 reservation=ReservationMode.PAGED, async_scheduling=False)
+                 reservation=ReservationMode.PAGED, async_scheduling=False, enable_prefix_caching=False)
     reference, _ = run(roomy, specs, aborts=False)
     for request_id, done in constrained.done.items():
         if done.error is not None:
