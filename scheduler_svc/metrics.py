@@ -56,6 +56,8 @@ class SchedulerMetrics:
                                               while the step before ran (async scheduling), or after
                                               its result (async off, or the scheduler declined)
       pagedserve_prompt_tokens_total          prompt tokens computed (recomputed ones included)
+      pagedserve_prefix_cache_queries_total   prompt tokens looked up in the prefix cache at admission
+      pagedserve_prefix_cache_hits_total      of those, tokens found cached (hit rate: hits / queries)
       pagedserve_generation_tokens_total      tokens generated
       pagedserve_requests_finished_total{finish_reason="length"|"stop"|"eos"|"aborted"|"error"}
       pagedserve_requests_rejected_total{code="INVALID_ARGUMENT"|"RESOURCE_EXHAUSTED"|"UNAVAILABLE"|
@@ -88,6 +90,7 @@ class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._last_preemptions = dict.fromkeys(PREEMPTION_MODES, 0)
+        self._last_prefix_cache = {"queries": 0, "hits": 0}
         self._add_queue_and_cache_metrics()
         self._add_step_metrics()
         self._add_request_metrics()
@@ -111,6 +114,12 @@ class SchedulerMetrics:
                                    "Requests preempted, by preemption mode.", ["mode"], registry=r)
         for mode in PREEMPTION_MODES:
             self.preemptions.labels(mode=mode)
+        self.prefix_cache_queries = Counter("pagedserve_prefix_cache_queries_total",
+                                            "Prompt tokens looked up in the prefix cache at admission.",
+                                            registry=r)
+        self.prefix_cache_hits = Counter("pagedserve_prefix_cache_hits_total",
+                                         "Prompt tokens found in the prefix cache (not computed again).",
+                                         registry=r)
         self.steps_planned = Counter("pagedserve_steps_planned_total",
                                      "Plans sent to the executors, by when they were made: while the step "
                                      "before ran (async scheduling) or after its result.", ["when"],
@@ -198,6 +207,12 @@ class SchedulerMetrics:
             last = self._last_preemptions[mode]
             self.preemptions.labels(mode=mode).inc(count - last if count >= last else count)
             self._last_preemptions[mode] = count
+        for name, counter, count in (
+                ("queries", self.prefix_cache_queries, stats.prefix_cache_queried_tokens),
+                ("hits", self.prefix_cache_hits, stats.prefix_cache_hit_tokens)):
+            last = self._last_prefix_cache[name]
+            counter.inc(count - last if count >= last else count)
+            self._last_prefix_cache[name] = count
 
     def record_step(self, step_seconds: float, schedule_seconds: float, executor_seconds: float,
                     num_prompt_tokens: int, num_generation_tokens: int) -> None:

@@ -26,6 +26,8 @@ class SchedulerStats:
     kv_utilization: float
     num_finished: int
     kv_sharing_saved: float = 0.0       # 1 - GPU blocks used / block-table entries (copy-on-write sharing)
+    prefix_cache_queried_tokens: int = 0    # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hit_tokens: int = 0        # of which found cached (their K/V not computed again)
 
     @property
     def gpu_usage(self) -> float:

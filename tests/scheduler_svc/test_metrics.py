@@ -67,6 +67,18 @@ def test_preemptions_advance_by_the_change_in_the_cumulative_counts():
         assert preemptions() == expected
 
 
+def test_prefix_cache_counters_follow_the_scheduler():
+    harness = Harness(num_gpu_blocks=32, num_cpu_blocks=0, block_size=4, enable_prefix_caching=True)
+    metrics = SchedulerMetrics()
+    shared = list(range(10, 26))                                          # four full blocks
+    for i in range(3):
+        harness.scheduler.add_request(f"r{i}", [*shared, 40 + i], SamplingParams(max_tokens=3))
+        harness.run()
+        metrics.record_stats(harness.scheduler.stats())
+    assert value(metrics, "pagedserve_prefix_cache_queries_total") == 3 * 17
+    assert value(metrics, "pagedserve_prefix_cache_hits_total") == 2 * 16     # the 2nd and 3rd hit
+
+
 def test_metrics_follow_a_real_scheduler_under_preemption():
     harness = Harness(num_gpu_blocks=24, num_cpu_blocks=64, block_size=4)
     for i in range(8):          # parallel sampling groups are swapped, single sequences recomputed
