@@ -33,6 +33,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)
     output_tokens: int = 0          # tokens returned, summed over every output
     num_preemptions: int = 0
+    cached_prompt_tokens: int = 0   # prompt tokens the server found in its prefix cache
     error: str = ""
 
     @property
@@ -102,6 +103,7 @@ class ClientSummary:
     tpot: Percentiles
     itl: Percentiles
     preemptions: int
+    cached_prompt_tokens: int = 0   # of prompt_tokens, served from the prefix cache
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float) -> ClientSummary:
@@ -121,7 +123,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> ClientSumm
         normalized_latency_s=_mean([r.latency / max(r.output_len, 1) for r in done]),
         mean_latency_s=_mean([r.latency for r in done]),
         ttft=Percentiles.of(ttfts), tpot=Percentiles.of(tpots), itl=Percentiles.of(itls),
-        preemptions=sum(r.num_preemptions for r in done))
+        preemptions=sum(r.num_preemptions for r in done),
+        cached_prompt_tokens=sum(r.cached_prompt_tokens for r in done))
 
 
 def _mean(values: Sequence[float]) -> float:

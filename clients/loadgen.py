@@ -184,6 +184,7 @@ class LoadGenerator:
             record.finished = now
             record.output_tokens = usage.completion_tokens
             record.num_preemptions = usage.num_preemptions
+            record.cached_prompt_tokens = usage.cached_prompt_tokens
 
 
 async def run_workload(target: str, requests: Sequence[LoadRequest], *, seed: int = 0,

@@ -11,10 +11,11 @@ table per phase, and the latency-vs-rate plot.
     python benchmarks/device/serving_suite.py --phases reservation,blocksize,preemption,sharing,online
 
 Phases: main (ShareGPT-like offline), async (one step at a time vs planned ahead), chunked (chunked
-prefill at two budgets), profile (torch profiler of decode steps, in process), peers (HF
-continuous and static batching offline), reservation (paged vs reserve-max/pow2/oracle), blocksize
-(8-128), preemption (swap vs recompute under memory pressure), sharing (parallel sampling and beam
-search), online (normalized latency vs request rate for us and both peers).
+prefill at two budgets), prefix (a shared system prompt, prefix caching off and on), profile (torch
+profiler of decode steps, in process), peers (HF continuous and static batching offline), reservation
+(paged vs reserve-max/pow2/oracle), blocksize (8-128), preemption (swap vs recompute under memory
+pressure), sharing (parallel sampling and beam search), online (normalized latency vs request rate for
+us and both peers).
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
 LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
               "num_attention_heads": 40, "num_key_value_heads": 40}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PHASES = ("main", "async", "chunked", "profile", "peers", "reservation", "blocksize", "preemption", "sharing",
-          "online")
+PHASES = ("main", "async", "chunked", "prefix", "profile", "peers", "reservation", "blocksize", "preemption",
+          "sharing", "online")
 READY_TIMEOUT_S = 900.0
 CHUNKED_PREFILL_BUDGETS = (2048, 4096)
+SHARED_PREFIX_LEN = 1024            # a long system prompt in front of every Alpaca-like request
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -197,6 +199,15 @@ class Suite:
                        [self.sharegpt(self.o.num_requests)], max_num_seqs=self.o.max_num_seqs,
                        enable_chunked_prefill=True, max_num_batched_tokens=budget)
 
+    def prefix_caching(self) -> None:
+        """Alpaca-like requests behind one shared 1,024-token system prompt, with prefix caching off and
+        on (the paper's shared-prefix case, §4.4)."""
+        spec = WorkloadSpec(trace="alpaca", num_requests=self.o.ablation_requests,
+                            shared_prefix_len=SHARED_PREFIX_LEN)
+        for caching in (False, True):
+            self.bench("prefix", f"pagedserve prefix caching {'on' if caching else 'off'}", [spec],
+                       max_num_seqs=self.o.max_num_seqs, enable_prefix_caching=caching)
+
     def reservation(self) -> None:
         """The paper's memory comparison: paging against contiguous reservation (Orca Max/Pow2/Oracle).
 
@@ -280,7 +291,7 @@ class Suite:
 def run_phases(suite: Suite, phases: list[str]) -> None:
     """Our phases first (one executor for all), then the ones that need the GPU to themselves."""
     ours: dict[str, Callable[[], None]] = {"main": suite.main, "async": suite.scheduling,
-                                           "chunked": suite.chunked_prefill,
+                                           "chunked": suite.chunked_prefill, "prefix": suite.prefix_caching,
                                            "reservation": suite.reservation,
                                            "blocksize": suite.blocksize, "preemption": suite.preemption,
                                            "sharing": suite.sharing, "online": suite.online}
