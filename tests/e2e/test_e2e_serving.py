@@ -250,3 +250,24 @@ def test_asyncio_client_streams_and_cancels(stack):
     streamed, whole = asyncio.run(scenario())
     assert streamed == whole
     _wait_idle(stack)
+
+
+def test_prefix_caching_shares_a_system_prompt_and_changes_no_output(stack, start_stack):
+    system = "# A helper module for parsing configuration files.\nimport os\nimport sys\n\n\n"
+    prompts = [system + tail for tail in ("def load(path):", "class Parser:", "def main():")]
+
+    def serve(running) -> list[tuple[list[int], int]]:
+        with running.client() as client:
+            results = []
+            for prompt in prompts:       # one after another: each finds the system prompt cached
+                out = client.generate(prompt, max_tokens=16, temperature=0.0, ignore_eos=True)
+                results.append((out.outputs[0].token_ids, out.usage.cached_prompt_tokens))
+            return results
+
+    plain = serve(stack)
+    cached = start_stack("--enable-prefix-caching")
+    shared = serve(cached)
+    assert [tokens for tokens, _ in shared] == [tokens for tokens, _ in plain]
+    assert [n for _, n in plain] == [0, 0, 0]
+    assert shared[0][1] == 0 and all(n >= 16 and n % 16 == 0 for _, n in shared[1:])   # whole blocks
+    assert cached.metric("pagedserve_prefix_cache_hits_total") == sum(n for _, n in shared)
