@@ -32,15 +32,6 @@ namespace {
 constexpr int kMaxThreads = 1024;
 constexpr int kWarpSize = 32;
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 // `x` rounded to T and back: the value torch stores for an fp16/bf16 intermediate.
 template <typename T>
 __device__ __forceinline__ float rounded(float x) {
