@@ -187,6 +187,7 @@ def full_step_plan() -> executor_pb2.StepPlan:
         frequency_penalty=1.5,
         min_tokens=3,
         suppressed_token_ids=[2, 32000],
+        cached_token_ids=[1, 450, 4996],      # the 3 tokens before start_position
     )
     work = executor_pb2.SequenceWork(
         seq_id=9,
