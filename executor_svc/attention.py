@@ -197,7 +197,7 @@ def paged_attention_reference(query: torch.Tensor, layer_cache: torch.Tensor, me
 
 
 @dataclass(frozen=True, slots=True)
-class SequenceGroup:
+class SequenceSubset:
     """Some of a step's sequences attended together: their metadata and their token rows in the step."""
 
     meta: AttentionMetadata
@@ -221,7 +221,8 @@ class ForwardContext:
     # context owns (its own and its split's, keyed by id: they live as long as the context), and the
     # split of a step that mixes long chunks with decodes.
     _kernel_args: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-    _split: tuple[SequenceGroup, SequenceGroup] | None = None
+    _split: tuple[SequenceSubset, SequenceSubset] | None = None
+    _split_decided: bool = False
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -259,13 +260,15 @@ class ForwardContext:
             layer, query.index_select(0, short.token_index), scale, short.meta))
         return out
 
-    def _split_step(self) -> tuple[SequenceGroup, SequenceGroup] | None:
-        """The step's long-chunk and short (decode) sequences as two groups; None when none is short."""
-        if self._split is None:
+    def _split_step(self) -> tuple[SequenceSubset, SequenceSubset] | None:
+        """The step's long-chunk and short (decode) sequences as two groups; None when none is short.
+        Decided by the first layer that asks, for all of them."""
+        if not self._split_decided:
+            self._split_decided = True
             long, short = split_by_chunk_length(self.meta.query_lens_list, FLASH_PREFILL_MIN_QUERY_LEN)
-            if not short:
-                return None
-            self._split = (SequenceGroup(*self.meta.select(long)), SequenceGroup(*self.meta.select(short)))
+            if short:
+                self._split = (SequenceSubset(*self.meta.select(long)),
+                               SequenceSubset(*self.meta.select(short)))
         return self._split
 
     def _paged_kernel(self, layer: int, query: torch.Tensor, scale: float,
