@@ -73,6 +73,12 @@ class BlockManager:
             total += (group.params.num_sequences - len(seqs)) * self._table_blocks(group, seqs[0])
         return total
 
+    def cached_prefixes(self, group: SequenceGroup) -> list[list[int]]:
+        """`cached_prefix` of each unfinished sequence of a waiting group, looked up once for the
+        `tokens_to_compute`, `can_allocate` and `allocate` calls of one admission (nothing changes the
+        cache between them)."""
+        return [self.cached_prefix(s) for s in group.unfinished_seqs()]
+
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks a waiting sequence would start with: its longest cached run of full prompt
         blocks, leaving at least its last token to compute (a step must produce its next logits)."""
@@ -81,30 +87,32 @@ class BlockManager:
         max_blocks = min(seq.prompt_len, seq.num_tokens - 1) // self.block_size
         return self.prefix_cache.match(seq.token_ids, max_blocks) if max_blocks > 0 else []
 
-    def tokens_to_compute(self, group: SequenceGroup) -> int:
-        """Tokens admitting a waiting group computes: all of its sequences' tokens but cached prefixes."""
-        bs = self.block_size
-        return sum(s.num_tokens - len(self.cached_prefix(s)) * bs for s in group.unfinished_seqs())
+    def tokens_to_compute(self, group: SequenceGroup, cached: list[list[int]] | None = None) -> int:
+        """Tokens admitting a waiting group computes: all of its sequences' tokens but cached prefixes
+        (`cached`: the group's `cached_prefixes`, looked up when not given)."""
+        cached = self.cached_prefixes(group) if cached is None else cached
+        seqs = group.unfinished_seqs()
+        return sum(s.num_tokens - len(hits) * self.block_size for s, hits in zip(seqs, cached, strict=True))
 
-    def can_allocate(self, group: SequenceGroup) -> AllocStatus:
-        """Whether a waiting group's blocks fit now, later, or never."""
+    def can_allocate(self, group: SequenceGroup, cached: list[list[int]] | None = None) -> AllocStatus:
+        """Whether a waiting group's blocks fit now, later, or never (`cached` as for tokens_to_compute)."""
         need = self.blocks_to_admit(group)
         if need > self.gpu.num_blocks - self.watermark_blocks:
             return AllocStatus.NEVER
         if self.prefix_cache is not None:
-            need -= self._cached_saving(group)
+            need -= self._cached_saving(self.cached_prefixes(group) if cached is None else cached)
         if self.gpu.num_free - need < self.watermark_blocks:
             return AllocStatus.LATER
         return AllocStatus.OK
 
-    def _cached_saving(self, group: SequenceGroup) -> int:
+    def _cached_saving(self, cached: list[list[int]]) -> int:
         """Free blocks a group's cached prefixes save it: hits on blocks in use cost none, while a hit on
         a parked block takes that block out of the free count (once, however many sequences share it)."""
-        hits = [block for seq in group.unfinished_seqs() for block in self.cached_prefix(seq)]
+        hits = [block for seq_hits in cached for block in seq_hits]
         parked = {block for block in hits if self.gpu.ref_counts[block] == 0}
         return len(hits) - len(parked)
 
-    def allocate(self, group: SequenceGroup) -> None:
+    def allocate(self, group: SequenceGroup, cached: list[list[int]] | None = None) -> None:
         """Give each unfinished sequence of a waiting group blocks for all its tokens.
 
         A fresh group has one sequence (the prompt); a group re-admitted for recomputation has one
@@ -113,17 +121,18 @@ class BlockManager:
         future forks will use.
         """
         seqs = group.unfinished_seqs()
-        for seq in seqs:
-            assert not seq.block_table, f"seq {seq.seq_id} already holds blocks"
-            cached = self.cached_prefix(seq)
-            for block in cached:
+        cached = self.cached_prefixes(group) if cached is None else cached
+        for hits in cached:         # every hit first: a new block taken below may not evict one of them
+            for block in hits:
                 self.gpu.take_cached(block)
-            cached_tokens = len(cached) * self.block_size
-            seq.block_table = cached + self._new_table(self._table_blocks(group, seq) - len(cached),
-                                                       seq.num_tokens - cached_tokens)
+        for seq, hits in zip(seqs, cached, strict=True):
+            assert not seq.block_table, f"seq {seq.seq_id} already holds blocks"
+            cached_tokens = len(hits) * self.block_size
+            seq.block_table = hits + self._new_table(self._table_blocks(group, seq) - len(hits),
+                                                     seq.num_tokens - cached_tokens)
             seq.num_computed_tokens = cached_tokens
-            seq.num_cached_blocks = len(cached)
-            seq.prefix_content_id = self.prefix_cache.content_id(cached[-1]) if cached else ROOT
+            seq.num_cached_blocks = len(hits)
+            seq.prefix_content_id = self.prefix_cache.content_id(hits[-1]) if hits else ROOT
         if self.prefix_cache is not None:
             first = seqs[0]
             self.prefix_cache.record_lookup(first.prompt_len, first.num_computed_tokens)

@@ -265,20 +265,21 @@ class Scheduler:
         chunked = self.config.enable_chunked_prefill
         while self.waiting:
             group = self.waiting[0]
-            status = bm.can_allocate(group)
+            cached = bm.cached_prefixes(group)     # one prefix-cache lookup for this admission
+            status = bm.can_allocate(group, cached)
             if status is AllocStatus.NEVER:
                 self.waiting.pop(0)
                 self._fail(group, self._too_big_message(group))
                 continue
             if status is AllocStatus.LATER or group.max_running_seqs() > budget.seqs_left:
                 break
-            prompt_tokens = bm.tokens_to_compute(group)
+            prompt_tokens = bm.tokens_to_compute(group, cached)
             first_prompt = budget.prompt_tokens_left == self.config.max_num_batched_tokens
             if budget.prompt_tokens_left <= 0 or (
                     not chunked and prompt_tokens > budget.prompt_tokens_left and not first_prompt):
                 break
             self.waiting.pop(0)
-            bm.allocate(group)
+            bm.allocate(group, cached)
             group.status = SequenceStatus.RUNNING
             for seq in group.unfinished_seqs():
                 seq.status = SequenceStatus.RUNNING
