@@ -72,9 +72,13 @@ class SchedulerConfig:
     executor_addresses: str = "127.0.0.1:50061"
     model: str = ""
     served_model_name: str = ""
-    max_waiting_requests: int = 4096
+    max_waiting_requests: int = 16384
     max_request_bytes: int = 4 * 2**20
     executor_grace_seconds: float = 60.0
+    # A rank whose step result or health answer is this late is lost (hung, or stopped): the engine
+    # recovers as for a crash and `pagedserve serve` kills and restarts it. The slowest legitimate step
+    # measured is a few seconds (a full prefill step on a CPU); see the README's liveness section.
+    executor_step_timeout_seconds: float = 60.0
     startup_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     tls_cert_file: str = ""

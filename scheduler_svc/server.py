@@ -36,6 +36,7 @@ from scheduler_svc.tokenizer import encode_prompt, load_tokenizer
 
 log = logging.getLogger("pagedserve.scheduler")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+PENDING_CALLS_FLOOR = 65536
 _ERROR_CODES = {
     RequestErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,
     RequestErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -64,7 +65,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, parse_request, request,
                                                           encode)
 
-    async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                      request_id: str) -> None:
+        log_request_refused(request_id, code, message)
         self._engine.metrics.record_request_rejected(code.name)
         await context.abort(code, message)
 
@@ -75,19 +78,21 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if size > self._config.max_request_bytes:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT,
                                f"request: is {size} bytes, more than the server's limit of "
-                               f"{self._config.max_request_bytes} (max_request_bytes)")
+                               f"{self._config.max_request_bytes} (max_request_bytes)", request.request_id)
         try:
             parsed = await self._parse(request)
             stream = self._engine.submit(parsed.request_id, parsed.prompt_token_ids, parsed.params,
                                          parsed.skip_special_tokens)
         except tuple(_SUBMIT_ERRORS) as err:
-            await self._reject(context, _SUBMIT_ERRORS[type(err)], str(err))
+            await self._reject(context, _SUBMIT_ERRORS[type(err)], str(err), request.request_id)
             return
         try:
             while True:
                 update = await stream.next_update()
                 if update.error is not None:
                     kind, message = update.error
+                    log.warning("request %s failed: %s: %s", stream.request_id, _ERROR_CODES[kind].name,
+                                message)
                     await context.abort(_ERROR_CODES[kind], message)
                 yield response_to_proto(stream.request_id, update)
                 if update.is_last:
@@ -138,12 +143,18 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _denying_handler(handler)
 
 
+def log_request_refused(request_id: str, code: grpc.StatusCode, message: str) -> None:
+    """The one log line of a request the frontend refused before it reached the scheduler."""
+    log.warning("request %s refused: %s: %s", request_id or "(no id)", code.name, message)
+
+
 def _denying_handler(handler: Any) -> Any:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "authorization: send metadata 'authorization: Bearer <token>' with the "
-                            "server's access token")
+        message = ("authorization: send metadata 'authorization: Bearer <token>' with the server's "
+                   "access token")
+        log_request_refused(getattr(request, "request_id", ""), grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
              (False, True): grpc.unary_stream_rpc_method_handler}
     make = kinds[(handler.request_streaming, handler.response_streaming)]
@@ -155,7 +166,14 @@ def _server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
     # gRPC's own limit sits above max_request_bytes so that an oversized request reaches Generate and
     # gets INVALID_ARGUMENT naming the limit rather than a bare RESOURCE_EXHAUSTED from the transport.
     limit = max(4 * config.max_request_bytes, 64 * 2**20)
-    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 256 * 2**20)]
+    # gRPC core holds calls that arrived before the server asked for the next one, and past 1,000 of
+    # them (its default) it resets a growing share of new ones, all past 3,000: a burst of requests
+    # sent at once then lost some as a bare CANCELLED that no handler saw. The queue limit is ours to
+    # enforce (max_waiting_requests, RESOURCE_EXHAUSTED), so core's backlog is sized well above it.
+    backlog = max(PENDING_CALLS_FLOOR, 4 * (config.max_waiting_requests + config.max_num_seqs))
+    return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 256 * 2**20),
+            ("grpc.server.max_pending_requests", backlog),
+            ("grpc.server.max_pending_requests_hard_limit", backlog)]
 
 
 def _bind(server: grpc.aio.Server, config: SchedulerConfig) -> int:
