@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--trace-seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
     work.add_argument("--warmup-requests", type=int, default=0,
                       help="short requests sent before measuring (compilation, allocator warm-up)")
+    work.add_argument("--num-clients", type=int, default=1,
+                      help="clients the requests are spread over, each with its own connection "
+                           "(default 1)")
     out = parser.add_argument_group("output")
     out.add_argument("--label", default="pagedserve", help="the system's name in tables and plots")
     out.add_argument("--json", type=Path, help="write the result here")
@@ -100,6 +103,8 @@ def workload(args: argparse.Namespace, rate: float) -> WorkloadSpec:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark at every rate; print the table; write JSON and the plot."""
     rates = parse_rates(args.request_rate)
+    if args.num_clients < 1:
+        raise InvalidArgumentError("num-clients", f"must be at least 1, got {args.num_clients}")
     specs = [workload(args, rate) for rate in rates]        # validate before starting anything
     if args.target is not None:
         return _benchmark(args, specs, _remote_endpoint(args))
@@ -130,8 +135,11 @@ def _remote_endpoint(args: argparse.Namespace) -> Endpoint:
 def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: Endpoint,
                config: dict[str, Any] | None = None) -> int:
     result = benchmark(endpoint, specs, args.label, warmup_requests=args.warmup_requests,
-                       progress=args.progress, config=config)
+                       progress=args.progress, config=config, num_clients=args.num_clients)
     print(bench_report.markdown([result]))
+    for run in result["runs"]:
+        for line in bench_report.failure_lines(run["client"]):
+            print(line, file=sys.stderr)
     if args.json is not None:
         args.json.write_text(bench_report.dumps(result))
     if args.plot is not None:
@@ -140,8 +148,12 @@ def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: En
 
 
 def benchmark(endpoint: Endpoint, specs: list[WorkloadSpec], label: str, *, warmup_requests: int = 0,
-              progress: bool = True, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run each workload in turn against a serving endpoint; returns the result (bench_report's format)."""
+              progress: bool = True, config: dict[str, Any] | None = None,
+              num_clients: int = 1) -> dict[str, Any]:
+    """Run each workload in turn against a serving endpoint; returns the result (bench_report's format).
+
+    The requests of each run are spread over `num_clients` clients, each with its own connection.
+    """
     with PagedServeClient(endpoint.target, token=endpoint.token,
                           root_certificates=endpoint.root_certificates) as client:
         client.wait_until_serving(60.0)
@@ -150,24 +162,25 @@ def benchmark(endpoint: Endpoint, specs: list[WorkloadSpec], label: str, *, warm
         warmup = WorkloadSpec(trace="fixed", num_requests=warmup_requests, prompt_len=16, output_len=8,
                               seed=specs[0].seed + 1)
         _run_once(endpoint, build_load_requests(warmup, info.vocab_size, info.max_model_len), warmup,
-                  "warm-up", progress)
+                  "warm-up", progress, num_clients)
     runs = []
     for spec in specs:
         requests = build_load_requests(spec, info.vocab_size, info.max_model_len)
         before = scrape(endpoint.metrics_url) if endpoint.metrics_url else None
         records, duration = _run_once(endpoint, requests, spec, f"{label} rate {spec.request_rate:g}",
-                                      progress)
+                                      progress, num_clients)
         server = ServerStats.between(before, scrape(endpoint.metrics_url)) if before is not None else None
         runs.append(bench_report.run_entry(spec.request_rate, summarize(records, duration), server))
         print(bench_report.markdown([{"system": label, "runs": runs[-1:]}]), file=sys.stderr)
-    workload_fields = dataclasses.asdict(specs[0]) | {"request_rates": [s.request_rate for s in specs]}
+    workload_fields = dataclasses.asdict(specs[0]) | {"request_rates": [s.request_rate for s in specs],
+                                                      "num_clients": num_clients}
     return {"system": label, "workload": workload_fields, "runs": runs, "model": dataclasses.asdict(info),
             "config": config, "environment": {"python": platform.python_version(),
                                               "machine": platform.machine()}}
 
 
 def _run_once(endpoint: Endpoint, requests: list[LoadRequest], spec: WorkloadSpec, label: str,
-              progress: bool) -> tuple[list, float]:
+              progress: bool, num_clients: int) -> tuple[list, float]:
     return asyncio.run(run_workload(endpoint.target, requests, seed=spec.seed, token=endpoint.token,
                                     root_certificates=endpoint.root_certificates, show_progress=progress,
-                                    label=label))
+                                    label=label, num_clients=num_clients))

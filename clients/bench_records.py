@@ -7,6 +7,7 @@ one monotonic clock, relative to the start of the run.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import statistics
@@ -34,12 +35,21 @@ class RequestRecord:
     output_tokens: int = 0          # tokens returned, summed over every output
     num_preemptions: int = 0
     cached_prompt_tokens: int = 0   # prompt tokens the server found in its prefix cache
-    error: str = ""
+    error: str = ""                 # why it failed: the server's message, or what the client saw
+    error_code: str = ""            # the gRPC status code's name of a failed call ("" for others)
 
     @property
     def ok(self) -> bool:
         """Whether it finished without an error."""
         return not self.error and self.finished is not None
+
+    @property
+    def failure_code(self) -> str:
+        """What a failed request is counted under: its gRPC code, ERROR without one, INCOMPLETE for a
+        stream that ended without its last message."""
+        if self.error_code:
+            return self.error_code
+        return "ERROR" if self.error else "INCOMPLETE"
 
     @property
     def latency(self) -> float:
@@ -86,6 +96,16 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Failure:
+    """One failed request of a run: its index in the trace, its code (RequestRecord.failure_code) and
+    message."""
+
+    request: int
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class ClientSummary:
     """Throughput and latency of one run as seen by the client."""
 
@@ -104,11 +124,14 @@ class ClientSummary:
     itl: Percentiles
     preemptions: int
     cached_prompt_tokens: int = 0   # of prompt_tokens, served from the prefix cache
+    failures_by_code: dict[str, int] = field(default_factory=dict)     # failed requests per code
+    failures: tuple[Failure, ...] = ()                                 # every failed request
 
 
 def summarize(records: Sequence[RequestRecord], duration_s: float) -> ClientSummary:
     """The client-side summary of a run that took `duration_s` seconds (first arrival to last token)."""
     done = [r for r in records if r.ok]
+    failures = tuple(Failure(r.index, r.failure_code, r.error) for r in records if not r.ok)
     duration = max(duration_s, 1e-9)
     output_tokens = sum(r.output_tokens for r in done)
     prompt_tokens = sum(r.prompt_len for r in done)
@@ -124,7 +147,9 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> ClientSumm
         mean_latency_s=_mean([r.latency for r in done]),
         ttft=Percentiles.of(ttfts), tpot=Percentiles.of(tpots), itl=Percentiles.of(itls),
         preemptions=sum(r.num_preemptions for r in done),
-        cached_prompt_tokens=sum(r.cached_prompt_tokens for r in done))
+        cached_prompt_tokens=sum(r.cached_prompt_tokens for r in done),
+        failures_by_code=dict(sorted(collections.Counter(f.code for f in failures).items())),
+        failures=failures)
 
 
 def _mean(values: Sequence[float]) -> float:

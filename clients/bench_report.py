@@ -26,7 +26,7 @@ from scheduler_svc.errors import InvalidArgumentError
 
 Result = Mapping[str, Any]
 
-COLUMNS = ("system", "rate (req/s)", "requests", "req/s", "output tok/s", "total tok/s",
+COLUMNS = ("system", "rate (req/s)", "requests", "failed", "req/s", "output tok/s", "total tok/s",
            "norm. latency (s/tok)", "TTFT p50 (ms)", "TTFT p99 (ms)", "TPOT p50 (ms)", "TPOT p99 (ms)",
            "ITL p50 (ms)", "ITL p99 (ms)", "batched reqs", "KV util",
            "KV saved by sharing", "preemptions", "control plane", "decode roofline")
@@ -69,7 +69,7 @@ def table_row(system: str, run: Mapping[str, Any]) -> list[object]:
     c, s = run["client"], run["server"] or {}
     rate = request_rate(run)
     preemptions = (s["preemptions_swap"] + s["preemptions_recompute"]) if s else None
-    return [system, "offline" if math.isinf(rate) else f"{rate:g}", c["completed"],
+    return [system, "offline" if math.isinf(rate) else f"{rate:g}", c["completed"], failed_cell(c),
             round(c["requests_per_s"], 2), round(c["output_tokens_per_s"], 1),
             round(c["total_tokens_per_s"], 1),
             _or_dash(c["normalized_latency_s"], ".4f"),
@@ -78,6 +78,25 @@ def table_row(system: str, run: Mapping[str, Any]) -> list[object]:
             _or_dash(s.get("mean_kv_sharing_saved"), ".1%"),
             _or_dash(preemptions, "d"), _or_dash(s.get("control_plane_fraction"), ".1%"),
             _or_dash(s.get("mean_decode_roofline"), ".2f")]
+
+
+def failed_cell(client: Mapping[str, Any]) -> str:
+    """Failed requests and their codes, as `3 (UNAVAILABLE 2, INTERNAL 1)`; `0` when none failed."""
+    if not client["failed"]:
+        return "0"
+    by_code = client.get("failures_by_code") or {}
+    codes = ", ".join(f"{code} {count}" for code, count in sorted(by_code.items(), key=lambda kv: -kv[1]))
+    return f"{client['failed']} ({codes})" if codes else str(client["failed"])
+
+
+def failure_lines(client: Mapping[str, Any], examples: int = 1) -> list[str]:
+    """For a run's failed requests: one line per code with its count and the first failures' messages."""
+    lines = []
+    for code, count in (client.get("failures_by_code") or {}).items():
+        first = [f for f in client.get("failures", ()) if f["code"] == code][:examples]
+        shown = "; ".join(f"request {f['request']}: {f['message']}" for f in first)
+        lines.append(f"failed: {count} x {code} (e.g. {shown})")
+    return lines
 
 
 def markdown(results: Sequence[Result]) -> str:

@@ -288,7 +288,8 @@ class _ClientBase:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
         self.target = target
         self.timeout = timeout
         # Metadata rather than call credentials: gRPC sends those over TLS only, and a token on a
@@ -298,7 +299,7 @@ class _ClientBase:
                    ("grpc.max_receive_message_length", max_message_bytes),
                    # Reconnect within two seconds of a (re)started server rather than after gRPC's
                    # default backoff of up to two minutes, so wait_until_serving notices it promptly.
-                   ("grpc.max_reconnect_backoff_ms", 2000)]
+                   ("grpc.max_reconnect_backoff_ms", 2000), *channel_options]
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates)
             self._channel = self._grpc.secure_channel(target, credentials, options=options)
@@ -316,7 +317,8 @@ class PagedServeClient(_ClientBase):
 
     `token` is sent as `authorization: Bearer <token>`; `root_certificates` (PEM) or `tls=True` (system
     roots) makes the channel TLS. `timeout` is the deadline of every call in seconds (of the whole
-    stream for `stream`); None waits forever. Every method raises `PagedServeError` when its call fails.
+    stream for `stream`); None waits forever. `channel_options` adds gRPC channel arguments. Every method
+    raises `PagedServeError` when its call fails.
     """
 
     _grpc = grpc

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from clients.bench_records import RequestRecord
-from clients.client import AsyncPagedServeClient
+from clients.client import AsyncPagedServeClient, PagedServeError
 from clients.progress import Progress
 from clients.request_builder import build_generate_request
 from clients.traces import (
@@ -126,11 +126,15 @@ def sampling_arguments(request: LoadRequest, seed: int) -> dict[str, object]:
 
 
 class LoadGenerator:
-    """Sends a workload through an AsyncPagedServeClient and records every request's timeline."""
+    """Sends a workload through AsyncPagedServeClients and records every request's timeline.
 
-    def __init__(self, client: AsyncPagedServeClient, requests: Sequence[LoadRequest], seed: int = 0,
-                 progress: Progress | None = None) -> None:
-        self.client = client
+    `client` may be one client or several (request i goes through client i mod their number), so that
+    a run can come from many connections as from many users.
+    """
+
+    def __init__(self, client: AsyncPagedServeClient | Sequence[AsyncPagedServeClient],
+                 requests: Sequence[LoadRequest], seed: int = 0, progress: Progress | None = None) -> None:
+        self.clients = [client] if isinstance(client, AsyncPagedServeClient) else list(client)
         self.requests = list(requests)
         self.seed = seed
         self.progress = progress
@@ -159,11 +163,14 @@ class LoadGenerator:
             await asyncio.sleep(delay)
         message = build_generate_request(list(request.prompt_token_ids), f"bench-{request.index}",
                                          skip_special_tokens=True, **sampling_arguments(request, self.seed))
+        client = self.clients[request.index % len(self.clients)]
         try:
-            async for response in self.client.stream_responses(message):
+            async for response in client.stream_responses(message):
                 self._record_response(record, response)
+        except PagedServeError as err:
+            record.error_code, record.error = err.code.name, err.message
         except Exception as err:        # one failed request must not end the run: record it
-            record.error = str(err) or type(err).__name__
+            record.error = f"{type(err).__name__}: {err}"
         if record.finished is None and not record.error:
             record.error = "the stream ended without its usage message"
         self._finished += 1
@@ -189,12 +196,23 @@ class LoadGenerator:
 
 async def run_workload(target: str, requests: Sequence[LoadRequest], *, seed: int = 0,
                        token: str | None = None, root_certificates: bytes | None = None,
-                       show_progress: bool = True, label: str = "bench") -> tuple[list[RequestRecord], float]:
-    """Open a client to `target`, run the requests, close it; returns the records and the duration."""
+                       show_progress: bool = True, label: str = "bench",
+                       num_clients: int = 1) -> tuple[list[RequestRecord], float]:
+    """Open `num_clients` clients to `target` (each its own connection), run the requests spread over
+    them, close them; returns the records and the duration."""
+    _check(num_clients >= 1, "num_clients", f"must be at least 1, got {num_clients}")
     progress = Progress(label, len(requests)) if show_progress else None
-    async with AsyncPagedServeClient(target, token=token, root_certificates=root_certificates) as client:
-        await client.wait_until_serving(60.0)
-        return await LoadGenerator(client, requests, seed, progress).run()
+    # gRPC shares one connection between channels to the same target unless told otherwise.
+    options = [("grpc.use_local_subchannel_pool", 1)] if num_clients > 1 else []
+    clients = [AsyncPagedServeClient(target, token=token, root_certificates=root_certificates,
+                                     channel_options=options) for _ in range(num_clients)]
+    try:
+        for client in clients:
+            await client.wait_until_serving(60.0)
+        return await LoadGenerator(clients, requests, seed, progress).run()
+    finally:
+        for client in clients:
+            await client.close()
 
 
 def _check(condition: bool, name: str, message: str) -> None:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from clients import bench_report
-from clients.bench_records import ClientSummary, Percentiles
+from clients.bench_records import ClientSummary, Failure, Percentiles, RequestRecord, summarize
 from clients.server_metrics import ServerStats
 from scheduler_svc.errors import RequestErrorKind
 
@@ -75,13 +75,13 @@ def test_request_rate_reads_numbers_and_the_inf_string(value, expected):
 def test_table_row_formats_every_column():
     row = bench_report.table_row("pagedserve", bench_report.run_entry(math.inf, client(), server()))
     assert len(row) == len(bench_report.COLUMNS)
-    assert row == ["pagedserve", "offline", 6, 3.0, 150.0, 200.1, "0.0123", "12.3", "56.8", "5.3", "6.6",
+    assert row == ["pagedserve", "offline", 6, "0", 3.0, 150.0, 200.1, "0.0123", "12.3", "56.8", "5.3", "6.6",
                    "-", "-", "3.3", "80.5%", "50.0%", "3", "22.1%", "-"]
 
 
 def test_table_row_without_server_stats_dashes_the_server_columns():
     row = bench_report.table_row("hf-static", bench_report.run_entry(2.5, client(), None))
-    assert row[:3] == ["hf-static", "2.5", 6]
+    assert row[:4] == ["hf-static", "2.5", 6, "0"]
     server_columns = bench_report.COLUMNS.index("batched reqs")
     assert row[server_columns:] == ["-"] * (len(bench_report.COLUMNS) - server_columns)
 
@@ -90,7 +90,7 @@ def test_table_row_is_the_same_after_a_json_round_trip():
     run = bench_report.run_entry(math.inf, client(normalized_latency=NAN), server())
     loaded = json.loads(bench_report.dumps(run))
     assert bench_report.table_row("x", loaded) == bench_report.table_row("x", run)
-    assert bench_report.table_row("x", loaded)[6] == "-"
+    assert bench_report.table_row("x", loaded)[bench_report.COLUMNS.index("norm. latency (s/tok)")] == "-"
 
 
 def test_markdown_has_one_row_per_system_and_rate_in_order():
@@ -140,3 +140,21 @@ def test_plot_of_loaded_results_with_a_failed_run_at_a_repeated_rate(tmp_path):
     path.write_text(bench_report.dumps({"system": "x", "runs": runs}))
     bench_report.plot_latency_vs_rate(bench_report.load_results([path]), tmp_path / "p.png")
     assert (tmp_path / "p.png").exists()
+
+
+def test_failed_requests_are_counted_by_code_in_the_table_json_and_failure_lines():
+    records = [RequestRecord(0, 4, 2, finished=1.0, output_tokens=2),
+               RequestRecord(1, 4, 2, error="the waiting queue is full", error_code="RESOURCE_EXHAUSTED"),
+               RequestRecord(2, 4, 2, error="queue full again", error_code="RESOURCE_EXHAUSTED"),
+               RequestRecord(3, 4, 2, error="no executor", error_code="UNAVAILABLE"),
+               RequestRecord(4, 4, 2)]                     # a stream that ended without its usage
+    summary = summarize(records, 1.0)
+    assert summary.failures_by_code == {"INCOMPLETE": 1, "RESOURCE_EXHAUSTED": 2, "UNAVAILABLE": 1}
+    assert summary.failures[:2] == (Failure(1, "RESOURCE_EXHAUSTED", "the waiting queue is full"),
+                                    Failure(2, "RESOURCE_EXHAUSTED", "queue full again"))
+    run = json.loads(bench_report.dumps(bench_report.run_entry(math.inf, summary, None)))
+    assert run["client"]["failures"][2] == {"request": 3, "code": "UNAVAILABLE", "message": "no executor"}
+    cell = bench_report.table_row("x", run)[bench_report.COLUMNS.index("failed")]
+    assert cell == "4 (RESOURCE_EXHAUSTED 2, INCOMPLETE 1, UNAVAILABLE 1)"
+    lines = bench_report.failure_lines(run["client"])
+    assert lines[1] == "failed: 2 x RESOURCE_EXHAUSTED (e.g. request 1: the waiting queue is full)"

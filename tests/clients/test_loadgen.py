@@ -270,8 +270,12 @@ def test_a_refused_request_is_recorded_as_failed_and_the_others_finish(stack, mo
     records, _ = asyncio.run(generate_all(stack.target, [fine, too_long], Progress("t", 2, stream=stream)))
     assert records[0].ok and records[0].output_tokens == 3
     assert not records[1].ok and records[1].error and records[1].output_tokens == 0
+    assert records[1].error_code == "INVALID_ARGUMENT"
     summary = summarize(records, 1.0)
     assert (summary.completed, summary.failed) == (1, 1)
+    assert summary.failures_by_code == {"INVALID_ARGUMENT": 1}
+    assert [(f.request, f.code) for f in summary.failures] == [(1, "INVALID_ARGUMENT")]
+    assert summary.failures[0].message == records[1].error
     assert stream.getvalue().splitlines()[-1].startswith("t: 2/2") and "1 failed" in stream.getvalue()
 
 
@@ -281,3 +285,12 @@ def test_run_workload_opens_its_own_client(stack, model_shape):
     records, duration = asyncio.run(run_workload(stack.target, requests, seed=6, show_progress=False))
     assert [r.output_tokens for r in records] == [r.output_len for r in requests]
     assert duration > 0
+
+
+def test_run_workload_spreads_requests_over_many_clients(stack, model_shape):
+    spec = WorkloadSpec(trace="fixed", num_requests=6, prompt_len=4, output_len=3, seed=7)
+    requests = build_load_requests(spec, *model_shape)
+    records, _ = asyncio.run(run_workload(stack.target, requests, seed=7, show_progress=False, num_clients=3))
+    assert [(r.ok, r.output_tokens) for r in records] == [(True, 3)] * 6
+    with pytest.raises(InvalidArgumentError, match="num_clients"):
+        asyncio.run(run_workload(stack.target, requests, num_clients=0))
