@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port is None and ENV_PREFIX + "METRICS_PORT" not in os.environ:
         args.metrics_port = 0
     scheduler, executors = build_configs(args)
-    stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors)
+    stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
+                       liveness_timeout=scheduler.executor_step_timeout_seconds)
     stack.start()
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)

@@ -3,7 +3,9 @@
 Each service is its console entry point (`python -m scheduler_svc`, `python -m executor_svc`)
 configured only through its environment (`PAGEDSERVE_*` for the scheduler, `PAGEDSERVE_EXECUTOR_*`
 for each rank), so what the launcher starts is what a compose file starts. The stack restarts an
-executor that dies on the same port, which lets the scheduler recover the live requests.
+executor that dies on the same port, which lets the scheduler recover the live requests, and, like a
+liveness probe, kills and restarts one that stops answering its gRPC health check (a stopped or wedged
+process never exits on its own).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
@@ -33,6 +38,7 @@ METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 READY = re.compile(r"pagedserve\.engine: serving ")      # the scheduler's executors are all up
 RESTART_DELAY_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 60.0
+LIVENESS_PROBE_INTERVAL_SECONDS = 1.0
 
 
 def config_environment(config: object, prefix: str) -> dict[str, str]:
@@ -94,15 +100,22 @@ class ManagedProcess:
     restarts: int = 0
     listening: threading.Event = field(default_factory=threading.Event)
     ready: threading.Event = field(default_factory=threading.Event)
+    last_alive: float = field(default_factory=time.monotonic)   # last SERVING health answer (or start)
 
 
 class LocalStack:
-    """Runs the services, forwards their logs, restarts dead executors, and stops everything."""
+    """Runs the services, forwards their logs, restarts dead executors, and stops everything.
+
+    With `liveness_timeout` (seconds) an executor that has listened but then answers no health check
+    with SERVING for that long is killed, and so restarted like any dead one (None: never).
+    """
 
     def __init__(self, specs: list[ServiceSpec], restart_executors: bool = True,
-                 base_environment: Mapping[str, str] | None = None) -> None:
+                 base_environment: Mapping[str, str] | None = None,
+                 liveness_timeout: float | None = None) -> None:
         self.specs = specs
         self.restart_executors = restart_executors
+        self.liveness_timeout = liveness_timeout
         self._base_env = dict(os.environ if base_environment is None else base_environment)
         self.processes: dict[str, ManagedProcess] = {}
         self._stopping = threading.Event()
@@ -113,6 +126,8 @@ class LocalStack:
         for spec in self.specs:
             self._spawn(spec)
         threading.Thread(target=self._watch, name="stack-watch", daemon=True).start()
+        if self.liveness_timeout is not None and self.restart_executors:
+            threading.Thread(target=self._probe_liveness, name="stack-liveness", daemon=True).start()
 
     def _spawn(self, spec: ServiceSpec, restarts: int = 0) -> ManagedProcess:
         env = {**self._base_env, **spec.environment, "PYTHONUNBUFFERED": "1"}
@@ -131,6 +146,7 @@ class LocalStack:
         for line in managed.proc.stderr:
             if (match := LISTENING.search(line)) is not None:
                 managed.address = f"{match.group(1)}:{match.group(2)}"
+                managed.last_alive = time.monotonic()
                 managed.listening.set()
             elif (match := METRICS.search(line)) is not None:
                 managed.metrics_address = f"{match.group(1)}:{match.group(2)}"
@@ -151,6 +167,27 @@ class LocalStack:
                 elif name == "scheduler":
                     log.error("the scheduler exited with code %s", code)
                     self._stopping.set()
+
+    def _probe_liveness(self) -> None:
+        """Kill each listening executor whose health has not read SERVING for `liveness_timeout` s.
+
+        The watcher then restarts it as it restarts any dead executor. SIGKILL because a stopped
+        process cannot act on SIGTERM, and a wedged one would not.
+        """
+        assert self.liveness_timeout is not None
+        while not self._stopping.wait(LIVENESS_PROBE_INTERVAL_SECONDS):
+            for name, managed in list(self.processes.items()):
+                if not name.startswith("executor") or not managed.listening.is_set():
+                    continue
+                if managed.proc.poll() is not None:
+                    continue
+                now = time.monotonic()
+                if _answers_serving(managed.address, timeout=min(2.0, self.liveness_timeout)):
+                    managed.last_alive = now
+                elif now - managed.last_alive > self.liveness_timeout and not self._stopping.is_set():
+                    log.warning("%s has not answered its health check for %.0f s; killing it so that it "
+                                "restarts", name, now - managed.last_alive)
+                    managed.proc.kill()
 
     def _restart_group(self, dead: ManagedProcess, code: int) -> None:
         """Restart a dead executor on its port, with the rest of its tensor-parallel group.
@@ -215,6 +252,19 @@ class LocalStack:
         for proc in executors:
             wait_or_kill(proc)
         return code
+
+
+def _answers_serving(address: str | None, timeout: float) -> bool:
+    """Whether the gRPC server at `address` answers its overall health check with SERVING in time."""
+    if address is None:
+        return False
+    with grpc.insecure_channel(address) as channel:
+        try:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> int:

@@ -121,6 +121,8 @@ class SchedulerConfig:
         _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1024")
         for name in ("executor_grace_seconds", "startup_timeout_seconds", "shutdown_grace_seconds"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.executor_step_timeout_seconds > 0, "executor_step_timeout_seconds",
+               f"must be > 0, got {self.executor_step_timeout_seconds}")
         _check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_cert_file",
                "TLS needs both tls_cert_file and tls_key_file")
 
@@ -158,7 +160,8 @@ class SchedulerConfig:
 
 
 SERVING_FIELDS = ("host", "port", "executor_addresses", "model", "served_model_name", "max_waiting_requests",
-                  "max_request_bytes", "executor_grace_seconds", "startup_timeout_seconds",
+                  "max_request_bytes", "executor_grace_seconds", "executor_step_timeout_seconds",
+                  "startup_timeout_seconds",
                   "shutdown_grace_seconds", "tls_cert_file", "tls_key_file", "auth_token", "metrics_port",
                   "async_scheduling")
 

@@ -13,7 +13,9 @@ processing and the request streams all run while the GPU computes, and only the 
 host work is left between two forward passes. Where a plan cannot be made ahead the engine waits for
 the result, as without the option.
 
-When a rank fails (its stream breaks, it dies, or it rejects a plan), the engine reports NOT_SERVING,
+When a rank fails (its stream breaks, it dies, or it rejects a plan) or hangs (a step result or a
+health answer is later than `executor_step_timeout_seconds`: a stopped or wedged process), the engine
+reports NOT_SERVING,
 keeps every live request, drops the step in flight, and reconnects. Once every rank serves again the
 requests are recomputed from the tokens they had (DESIGN.md invariant 4). Past
 `executor_grace_seconds` they end with UNAVAILABLE, and new requests are refused until the ranks are
@@ -50,6 +52,7 @@ from scheduler_svc.tokenizer import TokenTexts
 
 log = logging.getLogger("pagedserve.engine")
 RECONNECT_INTERVAL_SECONDS = 0.5
+LIVENESS_PROBE_INTERVAL_SECONDS = 1.0
 STATS_LOG_INTERVAL_SECONDS = 10.0
 
 
@@ -63,6 +66,10 @@ class QueueFullError(RuntimeError):
 
 class ShuttingDownError(RuntimeError):
     """The server is draining and takes no new requests."""
+
+
+class ExecutorHungError(RuntimeError):
+    """A rank answered neither its step nor its health check within executor_step_timeout_seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,9 @@ class Engine:
         self._sent: deque[_SentStep] = deque()        # plans in flight, oldest first
         self._last_result = 0.0                       # perf_counter when the last result arrived
         self._throughput = _ThroughputLog()
+        self._lost: ExecutorHungError | None = None     # a hung rank the liveness probe found
+        self._epoch = 0                                # recoveries so far: a probe's finding is of one
+        self._probe: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -138,15 +148,17 @@ class Engine:
         deadline = time.monotonic() + self.config.startup_timeout_seconds
         await self._handshake(deadline, first=True)
         self._task = asyncio.create_task(self._run(), name="engine-loop")
+        self._probe = asyncio.create_task(self._probe_liveness(), name="executor-liveness")
 
     async def stop(self) -> None:
         """Abort what is still live, stop the loop and close the links."""
         for request_id in list(self.streams):
             self.abort(request_id)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for link in self.links:
             await link.close()
 
@@ -261,6 +273,9 @@ class Engine:
         assert self.scheduler is not None
         scheduler = self.scheduler
         while True:
+            if self._lost is not None:
+                await self._recover(self._lost)
+                continue
             if not scheduler.num_steps_in_flight:
                 if not scheduler.has_unfinished:
                     self._dispatch(self._take_pending())
@@ -280,7 +295,7 @@ class Engine:
                 if plan is not None:
                     await self._send(plan, started, ahead=False)
                 await self._step()
-            except (grpc.RpcError, ExecutorStepError) as err:
+            except (grpc.RpcError, ExecutorStepError, ExecutorHungError) as err:
                 await self._recover(err)
 
     async def _send(self, plan: StepPlan, started: float, ahead: bool) -> None:
@@ -303,7 +318,7 @@ class Engine:
             if ahead is not None:
                 await self._send(ahead, started, ahead=True)
         self._dispatch(self._take_pending())          # overlaps with the ranks' compute
-        results = await asyncio.gather(*(link.receive() for link in self.links))
+        results = await self._receive_results()
         received = time.perf_counter()
         for rank, other in enumerate(results[1:], start=1):
             if other.error:
@@ -313,6 +328,53 @@ class Engine:
         self._pending = self.scheduler.process_result(result)
         sent = self._sent.popleft()
         self._record_step(sent, result, received)
+
+    async def _receive_results(self) -> list[pb.StepResult]:
+        """Every rank's result of the oldest step in flight.
+
+        Raises the first rank's RpcError as soon as one fails, and ExecutorHungError naming the late
+        ranks when they have not all answered within executor_step_timeout_seconds.
+        """
+        timeout = self.config.executor_step_timeout_seconds
+        reads = [asyncio.ensure_future(link.receive()) for link in self.links]
+        _, late = await asyncio.wait(reads, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        for read in reads:
+            if read.done() and not read.cancelled() and read.exception() is not None:
+                for other in late:
+                    other.cancel()
+                raise read.exception()  # type: ignore[misc]
+        if late:
+            for read in late:
+                read.cancel()
+            ranks = ", ".join(str(link.rank) for link, read in zip(self.links, reads, strict=True)
+                              if read in late)
+            raise ExecutorHungError(f"executor rank(s) {ranks} sent no result for step "
+                                    f"{self._sent[0].plan.step_id} within {timeout:g} s "
+                                    "(executor_step_timeout_seconds)")
+        return [read.result() for read in reads]
+
+    async def _probe_liveness(self) -> None:
+        """While serving, check every rank's health each second; a rank that does not answer SERVING
+        within executor_step_timeout_seconds is hung, and the loop recovers from it.
+
+        The step timeout catches a rank that hangs mid-step; this probe also catches one that hangs
+        while the engine is idle, before any request finds out.
+        """
+        timeout = self.config.executor_step_timeout_seconds
+        while True:
+            await asyncio.sleep(LIVENESS_PROBE_INTERVAL_SECONDS)
+            if not self.serving or self._lost is not None:
+                continue
+            epoch = self._epoch
+            for link in self.links:
+                if await link.is_serving(timeout=timeout):
+                    continue
+                if self.serving and epoch == self._epoch:     # not already being recovered
+                    self._lost = ExecutorHungError(
+                        f"executor rank {link.rank} at {link.address} did not answer its health check "
+                        f"with SERVING within {timeout:g} s (executor_step_timeout_seconds)")
+                    self._wake.set()
+                break
 
     def _record_step(self, sent: _SentStep, result: StepResult, received: float) -> None:
         """Metrics of one answered step.
@@ -383,6 +445,8 @@ class Engine:
     async def _recover(self, err: BaseException) -> None:
         """A rank failed: keep the requests, reconnect, and recompute them once every rank serves."""
         assert self.scheduler is not None
+        self._lost = None
+        self._epoch += 1
         log.error("executor failure: %s; live requests wait up to %.0f s for the executors to come back",
                   _describe_error(err), self.config.executor_grace_seconds)
         if isinstance(err, ExecutorStepError):

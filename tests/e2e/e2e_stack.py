@@ -30,7 +30,8 @@ class RunningStack:
         self.scheduler_config, self.executor_configs = build_configs(args)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.stack = LocalStack(stack_specs(self.scheduler_config, self.executor_configs),
-                                restart_executors=restart_executors, base_environment=env)
+                                restart_executors=restart_executors, base_environment=env,
+                                liveness_timeout=self.scheduler_config.executor_step_timeout_seconds)
         self.stack.start()
         try:
             self.target = self.stack.wait_listening("scheduler", timeout=START_TIMEOUT)

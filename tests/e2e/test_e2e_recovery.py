@@ -74,6 +74,38 @@ def test_killed_executor_is_restarted_and_waiting_requests_finish_unchanged(stac
     assert running.stack.processes["executor-0"].restarts == 1
 
 
+def _stop_executor_and_time_not_serving(running, timeout: float) -> float:
+    """SIGSTOP the executor; seconds until the scheduler reads NOT_SERVING."""
+    stopped = time.monotonic()
+    running.stack.processes["executor-0"].proc.send_signal(signal.SIGSTOP)
+    running.wait_health(NOT_SERVING, timeout=timeout + 10)
+    return time.monotonic() - stopped
+
+
+def test_stopped_executor_is_found_hung_restarted_and_requests_finish_unchanged(stack, start_stack):
+    """A SIGSTOPped executor never exits: the step timeout or the health probe finds it (mid-run and
+    idle), the launcher kills and restarts it, and the requests finish as if nothing happened."""
+    requests = _requests(6)
+    with stack.client() as client:
+        expected = [list(client.generate(**r).outputs[0].token_ids) for r in requests]
+    timeout = 3.0
+    running = start_stack("--executor-step-timeout-seconds", str(timeout))
+    streams = StreamsInFlight(running.target, requests)
+    streams.wait_for_tokens(5)
+    # The probe runs each second, and its answer may take the whole timeout.
+    assert _stop_executor_and_time_not_serving(running, timeout) <= timeout + 1.5
+    running.wait_health(SERVING, timeout=120)
+    streams.join()
+    assert streams.errors == [None] * len(requests)
+    assert streams.tokens == expected              # invariant 4: recomputed, nothing lost or changed
+    assert running.stack.processes["executor-0"].restarts == 1
+    assert _stop_executor_and_time_not_serving(running, timeout) <= timeout + 1.5    # idle now
+    running.wait_health(SERVING, timeout=120)
+    with running.client() as client:
+        assert list(client.generate(**requests[0]).outputs[0].token_ids) == expected[0]
+    assert running.stack.processes["executor-0"].restarts == 2
+
+
 def test_a_killed_tensor_parallel_rank_restarts_its_group_and_requests_finish_unchanged(stack, start_stack):
     requests = [{**r, "temperature": 0.0} for r in _requests(4)]
     with stack.client() as client:
