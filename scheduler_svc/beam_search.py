@@ -1,23 +1,77 @@
 """Beam search selection: which beams continue, which hypotheses finish, and when the search ends.
 
 Pure decisions over the beams' top candidates; the scheduler carries them out (fork, free, append).
-Follows the usual rule (HF transformers, vLLM): rank all 2 x width candidates by cumulative logprob;
-an end-of-sequence candidate among the top `width` becomes a finished hypothesis; the first `width`
-other candidates become the next beams. The search ends when `width` hypotheses are finished and the
-best running beam can no longer beat the worst of them, or when the length limit is reached.
+Follows HF transformers' beam search: rank all 2 x width candidates by cumulative logprob; an EOS or
+stop-token candidate among the top `width` becomes a finished hypothesis; the first `width` other
+candidates become the next beams. At the length limit every candidate ends, and the top `width` become
+hypotheses. The `width` best hypotheses by score are kept and the best `n` returned.
+
+Scoring: a finished hypothesis scores cumulative_logprob / length ** length_penalty, where `length`
+counts its generated tokens without the EOS or stop token that ended it (a hypothesis cut off by the
+length limit counts all of its tokens); the prompt never counts. This is vLLM's rule for the ending
+token, while HF transformers counts it (length + 1 for an EOS hypothesis); vLLM also counts the
+prompt. So with length_penalty != 0 an EOS hypothesis can rank differently here than in HF.
+
+When the search ends (`early_stopping`, HF's three modes): at the length limit, or once `width`
+hypotheses are finished and
+- True: at once;
+- False: the best running beam, scored at its current length, is no better than the worst finished
+  hypothesis (HF's heuristic: with length_penalty > 0 a beam could still gain by growing longer);
+- "never": no running beam can beat the worst finished hypothesis at any length it may reach; with
+  length_penalty > 0 its best possible score is at the maximum length, otherwise at its current one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from scheduler_svc.plan import Sample
+from scheduler_svc.sampling_params import EarlyStopping
 from scheduler_svc.sequence import BeamHypothesis, FinishReason, Sequence, SequenceGroup
+
+# Finish reasons whose last token (EOS or a stop token id) ended the hypothesis: not scored.
+_ENDED_BY_TOKEN = (FinishReason.EOS, FinishReason.STOP)
 
 
 def beam_score(cumulative_logprob: float, length: int, length_penalty: float) -> float:
     """Length-penalised score: cumulative logprob / length ** length_penalty (length >= 1)."""
     return cumulative_logprob / (max(length, 1) ** length_penalty)
+
+
+def scored_length(num_output_tokens: int, finish_reason: FinishReason) -> int:
+    """The length a finished hypothesis is scored by: its output tokens without the ending EOS or stop
+    token; a hypothesis cut off by the length limit counts all `num_output_tokens`."""
+    return num_output_tokens - (finish_reason in _ENDED_BY_TOKEN)
+
+
+def best_attainable_score(cumulative_logprob: float, length: int, max_length: int, length_penalty: float,
+                          early_stopping: EarlyStopping) -> float:
+    """The score a running beam (`length` tokens, at most `max_length`) is credited with when deciding
+    whether the search may end.
+
+    False: its score at its current length (HF's heuristic). "never": the best score any hypothesis
+    grown from it can reach, since its cumulative logprob can only fall: at `max_length` when
+    length_penalty > 0 (the largest divisor), at its current length otherwise.
+    """
+    if early_stopping == "never" and length_penalty > 0.0:
+        length = max_length
+    return beam_score(cumulative_logprob, length, length_penalty)
+
+
+def search_is_done(finished_scores: Seq[float], width: int, best_running_logprob: float, length: int,
+                   max_length: int, length_penalty: float, early_stopping: EarlyStopping) -> bool:
+    """Whether the search ends while beams still run.
+
+    `finished_scores` are the kept hypotheses' scores (at most `width`), `best_running_logprob` the
+    highest cumulative logprob among the running beams, which are all `length` tokens long.
+    """
+    if len(finished_scores) < width:
+        return False
+    if early_stopping is True:
+        return True
+    best = best_attainable_score(best_running_logprob, length, max_length, length_penalty, early_stopping)
+    return min(finished_scores) >= best
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +92,45 @@ class BeamStep:
     done: bool = False
 
 
-def _hypothesis(seq: Sequence, token_id: int, cumulative: float, length: int, reason: FinishReason,
-                logprob_entry: tuple | None, length_penalty: float) -> BeamHypothesis:
-    logprobs = list(seq.output_logprobs)
-    if logprob_entry is not None:
-        logprobs.append(logprob_entry)
-    return BeamHypothesis(output_token_ids=[*seq.output_token_ids, token_id], cumulative_logprob=cumulative,
-                          score=beam_score(cumulative, length, length_penalty), finish_reason=reason,
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """`seq` extended by `token_id`, with the extended beam's cumulative logprob."""
+
+    cumulative: float
+    seq: Sequence
+    token_id: int
+    logprob: float
+    sample: Sample
+
+
+def _ranked_candidates(beams: list[tuple[Sequence, Sample]], width: int) -> list[_Candidate]:
+    """Every beam's top 2 x width extensions, best cumulative logprob first."""
+    candidates = [_Candidate(seq.cumulative_logprob + logprob, seq, token_id, logprob, sample)
+                  for seq, sample in beams for token_id, logprob in sample.top_logprobs[: 2 * width]]
+    candidates.sort(key=lambda c: c.cumulative, reverse=True)
+    return candidates
+
+
+def _ending(group: SequenceGroup, c: _Candidate) -> FinishReason | None:
+    """Whether the candidate's token ends its beam (EOS or a stop token id, once min_tokens allow)."""
+    p = group.params
+    if c.seq.output_len < p.min_tokens:
+        return None
+    if not p.ignore_eos and c.token_id in group.eos_token_ids:
+        return FinishReason.EOS
+    if c.token_id in p.stop_token_ids:
+        return FinishReason.STOP
+    return None
+
+
+def _hypothesis(c: _Candidate, reason: FinishReason, entry: tuple | None,
+                length_penalty: float) -> BeamHypothesis:
+    logprobs = list(c.seq.output_logprobs)
+    if entry is not None:
+        logprobs.append(entry)
+    score = beam_score(c.cumulative, scored_length(c.seq.output_len + 1, reason), length_penalty)
+    return BeamHypothesis(output_token_ids=[*c.seq.output_token_ids, c.token_id],
+                          cumulative_logprob=c.cumulative, score=score, finish_reason=reason,
                           output_logprobs=logprobs)
 
 
@@ -52,53 +138,30 @@ def select_beams(group: SequenceGroup, beams: list[tuple[Sequence, Sample]], max
     """Choose the next beams from each running beam's candidates and update `group.hypotheses`."""
     p = group.params
     width = p.beam_width
-    keep_logprobs = p.logprobs > 0
-    candidates = []
-    for seq, sample in beams:
-        for token_id, logprob in sample.top_logprobs[: 2 * width]:
-            candidates.append((seq.cumulative_logprob + logprob, seq, token_id, logprob, sample))
-    candidates.sort(key=lambda c: c[0], reverse=True)
-
+    length = beams[0][0].output_len + 1 if beams else 0        # every beam's length after this step
+    max_length = min(p.max_tokens, max_model_len - group.prompt_len)
+    at_limit = length >= max_length
+    candidates = _ranked_candidates(beams, width)
+    if at_limit:
+        candidates = candidates[:width]     # every candidate ends here; only the top `width` are kept
     step = BeamStep()
     finished: list[BeamHypothesis] = []
-    for rank, (cumulative, seq, token_id, logprob, sample) in enumerate(candidates):
-        entry = (logprob, sample.top_logprobs[: p.logprobs]) if keep_logprobs else None
-        may_stop = seq.output_len >= p.min_tokens
-        reason = None
-        if may_stop and not p.ignore_eos and token_id in group.eos_token_ids:
-            reason = FinishReason.EOS
-        elif may_stop and token_id in p.stop_token_ids:
-            reason = FinishReason.STOP
+    for rank, c in enumerate(candidates):
+        entry = (c.logprob, c.sample.top_logprobs[: p.logprobs]) if p.logprobs > 0 else None
+        reason = _ending(group, c) or (FinishReason.LENGTH if at_limit else None)
         if reason is not None:
             if rank < width:   # an ending outside the top `width` would never have been kept
-                finished.append(_hypothesis(seq, token_id, cumulative, seq.output_len, reason, entry,
-                                            p.length_penalty))
+                finished.append(_hypothesis(c, reason, entry, p.length_penalty))
             continue
-        step.continuing.append(BeamContinuation(seq, token_id, logprob, entry[1] if entry else ()))
+        step.continuing.append(BeamContinuation(c.seq, c.token_id, c.logprob, entry[1] if entry else ()))
         if len(step.continuing) == width:
             break
-
-    new_len = beams[0][0].output_len + 1 if beams else 0
-    at_limit = new_len >= p.max_tokens or (beams and beams[0][0].num_tokens + 1 >= max_model_len)
-    if at_limit:
-        for c in step.continuing:
-            cumulative = c.parent.cumulative_logprob + c.logprob
-            entry = (c.logprob, c.top_logprobs) if keep_logprobs else None
-            finished.append(_hypothesis(c.parent, c.token_id, cumulative, new_len, FinishReason.LENGTH, entry,
-                                        p.length_penalty))
-        step.continuing = []
 
     group.hypotheses.extend(finished)
     group.hypotheses.sort(key=lambda h: h.score, reverse=True)
     del group.hypotheses[width:]
-    step.done = not step.continuing or _cannot_improve(group, step, new_len)
+    step.done = not step.continuing or search_is_done(
+        [h.score for h in group.hypotheses], width,
+        max(c.parent.cumulative_logprob + c.logprob for c in step.continuing), length, max_length,
+        p.length_penalty, p.early_stopping)
     return step
-
-
-def _cannot_improve(group: SequenceGroup, step: BeamStep, length: int) -> bool:
-    """Whether `width` hypotheses are finished and no running beam can beat the worst of them."""
-    p = group.params
-    if len(group.hypotheses) < p.beam_width:
-        return False
-    best_running = max(c.parent.cumulative_logprob + c.logprob for c in step.continuing)
-    return group.hypotheses[-1].score >= beam_score(best_running, length, p.length_penalty)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from scheduler_svc.errors import InvalidArgumentError
 
@@ -12,6 +13,9 @@ MAX_LOGPROBS = 20
 MAX_BEAM_WIDTH = 64
 MAX_BEST_OF = 64
 
+# When beam search ends, as in HF transformers (see scheduler_svc/beam_search.py): True, False or "never".
+EarlyStopping = bool | Literal["never"]
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -19,7 +23,9 @@ class SamplingParams:
 
     `n` outputs are returned. With `best_of > n`, `best_of` sequences are sampled and the `n` with the
     highest cumulative logprob are returned. With `beam_width > 0` the request runs beam search with
-    that many beams and returns the `n` best finished hypotheses by length-penalised score.
+    that many beams and returns the `n` best finished hypotheses by length-penalised score;
+    `early_stopping` (True, False or "never", as in HF transformers) says when the search ends, and is
+    refused without beam search unless False.
     `top_k = 0` and `top_p = 1` disable those filters; `temperature = 0` is greedy.
     `seed = None` lets the scheduler pick one at admission, so that a request's output stays the same
     across preemption, swap and recomputation (DESIGN.md invariant 5).
@@ -44,6 +50,7 @@ class SamplingParams:
     logprobs: int = 0
     beam_width: int = 0
     length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
     priority: int = 0
 
     # Derived once at construction (the scheduler reads them for every sequence every step).
@@ -104,9 +111,19 @@ def _validate(p: SamplingParams) -> None:
     _require(0 <= p.beam_width <= MAX_BEAM_WIDTH, "beam_width",
              f"must be in [0, {MAX_BEAM_WIDTH}], got {p.beam_width}")
     _require(math.isfinite(p.length_penalty), "length_penalty", "must be a finite number")
+    _validate_early_stopping(p)
     if p.beam_width > 0:
         _require(p.n <= p.beam_width, "n", f"must be at most beam_width ({p.beam_width}), got {p.n}")
         _require(p.best_of is None, "best_of", "cannot be combined with beam search")
         _require(p.temperature == 0.0 and p.top_p == 1.0 and p.top_k == 0 and p.min_p == 0.0,
                  "temperature", "beam search is deterministic: leave temperature, top_p, top_k and "
                  "min_p unset (temperature 0)")
+
+
+def _validate_early_stopping(p: SamplingParams) -> None:
+    # `is` rather than ==: 1 and 0 equal True and False but are not the HF values.
+    _require(p.early_stopping is True or p.early_stopping is False or p.early_stopping == "never",
+             "early_stopping", f'must be true, false or "never", got {p.early_stopping!r}')
+    # Only beam search reads it; a non-default value without it is a mistake the caller should hear of.
+    _require(p.beam_width > 0 or p.early_stopping is False, "early_stopping",
+             "only applies to beam search (beam_width > 0)")

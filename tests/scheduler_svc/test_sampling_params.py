@@ -32,6 +32,10 @@ from scheduler_svc.sampling_params import SamplingParams
     ({"beam_width": 2, "temperature": 0.7}, "temperature"),
     ({"beam_width": 2, "temperature": 0.0, "best_of": 2}, "best_of"),
     ({"length_penalty": math.nan, "beam_width": 2, "temperature": 0.0}, "length_penalty"),
+    ({"early_stopping": "always", "beam_width": 2, "temperature": 0.0}, "early_stopping"),
+    ({"early_stopping": 1, "beam_width": 2, "temperature": 0.0}, "early_stopping"),
+    ({"early_stopping": True}, "early_stopping"),               # only beam search reads it
+    ({"early_stopping": "never"}, "early_stopping"),
 ])
 def test_bad_value_names_its_field(kwargs, field):
     with pytest.raises(InvalidArgumentError) as err:
@@ -49,6 +53,12 @@ def test_derived_widths():
     assert beam.use_beam_search and beam.num_sequences == 4
     assert beam.num_top_logprobs_needed == 8 and not beam.streams_incrementally
     assert SamplingParams(n=3).streams_incrementally
+
+
+@pytest.mark.parametrize("mode", [True, False, "never"])
+def test_early_stopping_takes_the_hf_values_with_beam_search(mode):
+    assert SamplingParams(beam_width=2, temperature=0.0, early_stopping=mode).early_stopping == mode
+    assert SamplingParams(early_stopping=False).early_stopping is False      # the default, accepted anywhere
 
 
 def test_params_are_frozen_and_comparable():

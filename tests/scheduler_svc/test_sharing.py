@@ -1,5 +1,6 @@
 """Parallel sampling and beam search: shared blocks, copy-on-write, forks, and the outputs chosen."""
 
+import pytest
 from sim_harness import EOS, Harness
 
 from scheduler_svc.beam_search import beam_score
@@ -78,7 +79,7 @@ class _Seq:
         self.output_token_ids = output_token_ids
 
 
-def reference_beam_search(h: Harness, prompt, width, n, max_tokens, length_penalty, seed):
+def reference_beam_search(h: Harness, prompt, width, n, max_tokens, length_penalty, seed, early_stopping):
     """Beam search over the executor's distribution with plain token lists (no blocks, no forks)."""
     start = SequenceStart("ref", len(prompt), seed, 0)
     beams, hyps = [([], 0.0)], []
@@ -89,33 +90,36 @@ def reference_beam_search(h: Harness, prompt, width, n, max_tokens, length_penal
             sample = h.executor.next_token(context, len(context), start, 0, 2 * width)
             candidates += [(cum + lp, out, token) for token, lp in sample.top_logprobs]
         candidates.sort(key=lambda c: c[0], reverse=True)
+        at_limit = step + 1 >= max_tokens
         new = []
-        for rank, (cum, out, token) in enumerate(candidates):
-            if token == EOS:
-                if rank < width:
-                    hyps.append((beam_score(cum, len(out), length_penalty), [*out, token]))
+        for rank, (cum, out, token) in enumerate(candidates[:width] if at_limit else candidates):
+            if token == EOS or at_limit:        # at the limit the top `width` all end
+                if rank < width:                # scored without the EOS, with a limit-cut last token
+                    length = len(out) + (token != EOS)
+                    hyps.append((beam_score(cum, length, length_penalty), [*out, token]))
                 continue
             new.append(([*out, token], cum))
             if len(new) == width:
                 break
-        if step + 1 >= max_tokens:
-            hyps += [(beam_score(cum, len(out), length_penalty), out) for out, cum in new]
-            new = []
         hyps = sorted(hyps, key=lambda x: x[0], reverse=True)[:width]
         if not new:
             break
-        best = beam_score(max(cum for _, cum in new), step + 1, length_penalty)
-        if len(hyps) >= width and hyps[-1][0] >= best:
-            break
+        if len(hyps) >= width:
+            if early_stopping is True:
+                break
+            length = max_tokens if early_stopping == "never" and length_penalty > 0 else step + 1
+            if hyps[-1][0] >= beam_score(max(cum for _, cum in new), length, length_penalty):
+                break
         beams = new
     return [tokens for _, tokens in hyps[:n]]
 
 
-def test_beam_search_matches_a_reference_without_paging_and_keeps_exact_ref_counts():
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_beam_search_matches_a_reference_without_paging_and_keeps_exact_ref_counts(early_stopping):
     for width, n, lp, seed in [(2, 1, 1.0, 3), (3, 2, 0.5, 4), (4, 4, 1.0, 5), (4, 2, 2.0, 6)]:
         h = Harness(num_gpu_blocks=64, eos_probability=0.15)
         params = SamplingParams(n=n, beam_width=width, temperature=0.0, max_tokens=12, length_penalty=lp,
-                                seed=seed)
+                                seed=seed, early_stopping=early_stopping)
         h.scheduler.add_request("beam", PROMPT, params)
         shared_seen = False
         while h.scheduler.has_unfinished:
@@ -125,7 +129,7 @@ def test_beam_search_matches_a_reference_without_paging_and_keeps_exact_ref_coun
             if group is not None:
                 assert len(group.unfinished_seqs()) <= width
         assert shared_seen                                           # beams did share blocks
-        expected = reference_beam_search(h, PROMPT, width, n, 12, lp, seed)
+        expected = reference_beam_search(h, PROMPT, width, n, 12, lp, seed, early_stopping)
         got = [h.done["beam"].token_ids[i] for i in range(len(expected))]
         assert got == expected, (width, n, lp)
         assert h.scheduler.block_manager.gpu.num_used == 0
