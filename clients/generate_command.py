@@ -47,6 +47,18 @@ _NUMERIC_FLAGS: list[tuple[str, type, str]] = [
 Writer = Callable[[pb.GenerateResponse, list[int], CompletionBuilder], None]
 
 
+# --early-stopping values: HF transformers' early_stopping, spelled for a command line.
+_EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+
+
+def _early_stopping(text: str) -> bool | str:
+    try:
+        return _EARLY_STOPPING[text.lower()]
+    except KeyError:
+        choices = ", ".join(_EARLY_STOPPING)
+        raise argparse.ArgumentTypeError(f"expected one of {choices}, got {text!r}") from None
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
@@ -70,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("-n", "--n", type=int, metavar="N", help="number of outputs to return")
     for flag, kind, help_text in _NUMERIC_FLAGS:
         sampling.add_argument(flag, type=kind, metavar="N" if kind is int else "X", help=help_text)
+    sampling.add_argument("--early-stopping", type=_early_stopping, metavar="{true,false,never}",
+                          help="when beam search ends, as in HF transformers (server default false)")
     sampling.add_argument("--stop", action="append", metavar="STR", help="stop string (repeatable)")
     sampling.add_argument("--stop-token-id", dest="stop_token_ids", action="append", type=int, metavar="ID",
                           help="token id that ends an output (repeatable)")

@@ -2,6 +2,7 @@
 
 The keyword names accepted for sampling are read from the `SamplingParameters` descriptor, so the
 client follows the .proto without a hand-kept list: a field added there is accepted here at once.
+`early_stopping` takes HF transformers' values (True, False or "never") as well as its enum numbers.
 """
 
 from __future__ import annotations
@@ -9,11 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pagedserve.v1 import generation_pb2 as pb
+from scheduler_svc.api_codec import EARLY_STOPPING_FROM_PROTO
 
 _SAMPLING_DESCRIPTOR = pb.SamplingParameters.DESCRIPTOR
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(field.name for field in _SAMPLING_DESCRIPTOR.fields)
 """Names `**sampling` accepts: the fields of `SamplingParameters`, in .proto order."""
+
+# Plain Python values of enum fields -> their enum numbers; the server maps the numbers back.
+_ENUM_VALUES: dict[str, dict[bool | str, int]] = {
+    "early_stopping": {value: number for number, value in EARLY_STOPPING_FROM_PROTO.items()},
+}
 
 
 def build_sampling_parameters(**sampling: object) -> pb.SamplingParameters:
@@ -34,8 +41,22 @@ def build_sampling_parameters(**sampling: object) -> pb.SamplingParameters:
     return params
 
 
+def _enum_number(name: str, value: object) -> object:
+    """An enum field's number for a plain value such as True or "never"; anything else as given."""
+    values = _ENUM_VALUES.get(name)
+    # Only bool and str are looked up: 1 == True, so an enum number would otherwise be taken for one.
+    if values is None or not isinstance(value, bool | str):
+        return value
+    if value not in values:
+        choices = ", ".join(repr(v) for v in values)
+        enum = _SAMPLING_DESCRIPTOR.fields_by_name[name].enum_type.name
+        raise ValueError(f"must be one of {choices} (or a number of enum {enum}), got {value!r}")
+    return values[value]
+
+
 def _set_field(params: pb.SamplingParameters, name: str, value: object) -> None:
     try:
+        value = _enum_number(name, value)
         if _SAMPLING_DESCRIPTOR.fields_by_name[name].is_repeated:
             # A lone string is one stop string, not a sequence of one-character stops.
             getattr(params, name).extend([value] if isinstance(value, str) else value)

@@ -15,7 +15,8 @@ EVERY_SAMPLING_FLAG = [
     "--top-k", "40", "--min-p", "0.125", "--repetition-penalty", "1.25", "--presence-penalty", "0.5",
     "--frequency-penalty", "-0.5", "--seed", "1234567890123", "--min-tokens", "2", "--stop", "###",
     "--stop", "\n\n", "--include-stop-str-in-output", "--stop-token-id", "7", "--stop-token-id", "9",
-    "--ignore-eos", "--logprobs", "5", "--beam-width", "4", "--length-penalty", "0.25", "--priority", "-3",
+    "--ignore-eos", "--logprobs", "5", "--beam-width", "4", "--length-penalty", "0.25", "--early-stopping",
+    "never", "--priority", "-3",
 ]
 
 
@@ -36,11 +37,19 @@ def test_every_sampling_flag_reaches_the_request():
         max_tokens=12, n=2, best_of=3, temperature=0.5, top_p=0.75, top_k=40, min_p=0.125,
         repetition_penalty=1.25, presence_penalty=0.5, frequency_penalty=-0.5, seed=1234567890123,
         min_tokens=2, stop=["###", "\n\n"], include_stop_str_in_output=True, stop_token_ids=[7, 9],
-        ignore_eos=True, logprobs=5, beam_width=4, length_penalty=0.25, priority=-3)
+        ignore_eos=True, logprobs=5, beam_width=4, length_penalty=0.25,
+        early_stopping=pb.EARLY_STOPPING_NEVER, priority=-3)
     assert sent.sampling == expected
     # Every field of the proto has a flag: none was left at its default above.
-    assert [f.name for f, _ in sent.sampling.ListFields()] == [f.name for f in expected.DESCRIPTOR.fields]
+    assert {f.name for f, _ in sent.sampling.ListFields()} == set(expected.DESCRIPTOR.fields_by_name)
     assert sent.text == "Hello"
+
+
+@pytest.mark.parametrize(("flag", "sent"), [("true", pb.EARLY_STOPPING_TRUE),
+                                            ("False", pb.EARLY_STOPPING_FALSE),
+                                            ("never", pb.EARLY_STOPPING_NEVER)])
+def test_early_stopping_flag_takes_the_hf_values(flag, sent):
+    assert request("Hi", "--beam-width", "2", "--early-stopping", flag).sampling.early_stopping == sent
 
 
 def test_flags_left_out_are_sent_unset_except_max_tokens():
@@ -67,6 +76,13 @@ def test_token_ids_must_be_integers(capsys):
         build_parser().parse_args(["generate", "--token-ids", "1,x"])
     assert exited.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_early_stopping_must_be_true_false_or_never(capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["generate", "--early-stopping", "sometimes"])
+    assert exited.value.code == 2
+    assert "expected one of true, false, never, got 'sometimes'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["generate", "Hello", "--max-tokens", "4"], ["healthcheck"], ["info"]])

@@ -11,11 +11,12 @@ FIELDS = pb.SamplingParameters.DESCRIPTOR.fields_by_name
 DOCUMENTED = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
               "presence_penalty", "frequency_penalty", "seed", "max_tokens", "min_tokens", "stop",
               "include_stop_str_in_output", "stop_token_ids", "ignore_eos", "logprobs", "beam_width",
-              "length_penalty", "priority")
+              "length_penalty", "early_stopping", "priority")
 # A value that is not the proto default, by the field's type (0.5 and 0.25 are exact in float32).
 EXAMPLE_VALUE = {FieldDescriptor.CPPTYPE_UINT32: 3, FieldDescriptor.CPPTYPE_UINT64: 2**40 + 1,
                  FieldDescriptor.CPPTYPE_INT32: -2, FieldDescriptor.CPPTYPE_FLOAT: 0.25,
-                 FieldDescriptor.CPPTYPE_BOOL: True, FieldDescriptor.CPPTYPE_STRING: "###"}
+                 FieldDescriptor.CPPTYPE_BOOL: True, FieldDescriptor.CPPTYPE_STRING: "###",
+                 FieldDescriptor.CPPTYPE_ENUM: 3}
 
 
 def example_sampling() -> dict[str, object]:
@@ -55,6 +56,20 @@ def test_explicit_zero_is_set_not_unset():
     assert params.HasField("temperature") and params.temperature == 0.0
     assert params.HasField("seed") and params.seed == 0
     assert not params.HasField("n")
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, pb.EARLY_STOPPING_TRUE),
+                                               (False, pb.EARLY_STOPPING_FALSE),
+                                               ("never", pb.EARLY_STOPPING_NEVER),
+                                               (pb.EARLY_STOPPING_NEVER, pb.EARLY_STOPPING_NEVER)])
+def test_early_stopping_takes_the_hf_values_or_enum_numbers(value, expected):
+    assert build_sampling_parameters(early_stopping=value).early_stopping == expected
+
+
+@pytest.mark.parametrize("value", ["sometimes", "true", ""])
+def test_a_bad_early_stopping_value_names_the_field(value):
+    with pytest.raises(ValueError, match=r"^early_stopping: must be one of True, False, 'never'"):
+        build_sampling_parameters(early_stopping=value)
 
 
 @pytest.mark.parametrize(("stop", "expected"), [("###", ["###"]), (["a", "bc"], ["a", "bc"]),

@@ -253,6 +253,7 @@ def full_sampling() -> generation_pb2.SamplingParameters:
         logprobs=5,
         beam_width=4,
         length_penalty=0.5,
+        early_stopping=generation_pb2.EARLY_STOPPING_NEVER,
         priority=-3,
     )
 
