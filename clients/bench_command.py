@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         args.metrics_port = 0
     scheduler, executors = build_configs(args)
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
-                       liveness_timeout=scheduler.executor_step_timeout_seconds)
+                       liveness_timeout=scheduler.executor_health_timeout_seconds)
     stack.start()
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)

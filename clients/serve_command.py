@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM."""
     scheduler, executors = build_configs(args)
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
-                       liveness_timeout=scheduler.executor_step_timeout_seconds)
+                       liveness_timeout=scheduler.executor_health_timeout_seconds)
     signal.signal(signal.SIGTERM, _interrupt)        # stop the children on SIGTERM as on Ctrl-C
     stack.start()
     code = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from executor_svc.backend import ExecutorBackend
 from executor_svc.config import ExecutorConfig
 from executor_svc.metrics import ExecutorMetrics
+from executor_svc.step_watchdog import StepWatchdog
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
 from scheduler_svc.gc_policy import settle_heap
@@ -38,11 +40,14 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
     """Describe, InitCache and the Execute stream over one backend; one scheduler at a time."""
 
-    def __init__(self, backend: ExecutorBackend, metrics: ExecutorMetrics | None = None) -> None:
+    def __init__(self, backend: ExecutorBackend, metrics: ExecutorMetrics | None = None,
+                 watchdog: StepWatchdog | None = None) -> None:
         self._backend = backend
         self._metrics = metrics if metrics is not None else ExecutorMetrics()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-step")
         self._stream_open = False
+        self._watchdog = watchdog if watchdog is not None else StepWatchdog(_no_health)
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     async def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -65,6 +70,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         if self._stream_open:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the KV cache cannot change while an Execute stream is open")
+        self._start_watchdog(request.step_timeout_seconds)
         cache = await self._on_worker(self._backend.init_cache, size, request.gpu_memory_utilization,
                                       request.swap_space_bytes, request.max_num_batched_tokens)
         log.info("KV cache: %d GPU blocks, %d CPU blocks of %d tokens", cache.num_gpu_blocks,
@@ -89,8 +95,23 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         finally:
             self._stream_open = False
 
+    def _start_watchdog(self, step_timeout_seconds: float) -> None:
+        """Watch steps against the scheduler's timeout from now on (0: no limit)."""
+        self._watchdog.timeout = max(step_timeout_seconds, 0.0)
+        if self._watchdog_task is None:
+            self._watchdog_task = asyncio.get_running_loop().create_task(self._watchdog.run(),
+                                                                         name="step-watchdog")
+
     def _step(self, msg: pb.StepPlan) -> pb.StepResult:
-        """Decode and run one plan on the worker thread; any failure becomes that step's error."""
+        """Run one plan on the worker thread, timed by the watchdog."""
+        self._watchdog.step_started()
+        try:
+            return self._run_step(msg)
+        finally:
+            self._watchdog.step_ended()
+
+    def _run_step(self, msg: pb.StepPlan) -> pb.StepResult:
+        """Decode and run one plan; any failure becomes that step's error."""
         try:
             plan = plan_from_proto(msg)
             result = self._backend.execute(plan)
@@ -107,6 +128,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         return answer
 
 
+async def _no_health(serving: bool) -> None:
+    """The watchdog's health hook when the servicer runs without a health service (tests)."""
+
+
+async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """Set the whole server's and the ExecutorService's health."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
 def _message_options(config: ExecutorConfig) -> list[tuple[str, int]]:
     # Block tables of big batches exceed gRPC's 4 MiB default.
     return [("grpc.max_send_message_length", config.max_message_bytes),
@@ -120,16 +152,17 @@ async def start_server(config: ExecutorConfig, backend: ExecutorBackend,
     Steps are recorded in `metrics` (a private set when None); serving them over HTTP is serve()'s job.
     """
     server = grpc.aio.server(options=_message_options(config))
-    executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(backend, metrics), server)
     health_servicer = health.aio.HealthServicer()
+    watchdog = StepWatchdog(functools.partial(_set_health, health_servicer))
+    executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(backend, metrics, watchdog),
+                                                            server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"cannot listen on {config.address}")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, True)
     return server, port
 
 

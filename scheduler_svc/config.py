@@ -75,10 +75,14 @@ class SchedulerConfig:
     max_waiting_requests: int = 16384
     max_request_bytes: int = 4 * 2**20
     executor_grace_seconds: float = 60.0
-    # A rank whose step result or health answer is this late is lost (hung, or stopped): the engine
-    # recovers as for a crash and `pagedserve serve` kills and restarts it. The slowest legitimate step
-    # measured is a few seconds (a full prefill step on a CPU); see the README's liveness section.
-    executor_step_timeout_seconds: float = 60.0
+    # A rank whose step result is this late is hung (a wedged kernel or collective): the engine
+    # recovers as for a crash, the rank reads NOT_SERVING, and `pagedserve serve` restarts it. The
+    # slowest legitimate step measured is 19 s (an 8,160-token prefill step of a small model on the
+    # 2-core CPU); on an H200 a 7B step takes well under a second. Raise it for big models on a CPU.
+    executor_step_timeout_seconds: float = 120.0
+    # A rank that has not answered its health check with SERVING for this long is hung (a stopped or
+    # frozen process) and is treated the same way. Health answers take milliseconds even mid-step.
+    executor_health_timeout_seconds: float = 10.0
     startup_timeout_seconds: float = 600.0
     shutdown_grace_seconds: float = 30.0
     tls_cert_file: str = ""
@@ -121,8 +125,8 @@ class SchedulerConfig:
         _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be at least 1024")
         for name in ("executor_grace_seconds", "startup_timeout_seconds", "shutdown_grace_seconds"):
             _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _check(self.executor_step_timeout_seconds > 0, "executor_step_timeout_seconds",
-               f"must be > 0, got {self.executor_step_timeout_seconds}")
+        for name in ("executor_step_timeout_seconds", "executor_health_timeout_seconds"):
+            _check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         _check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_cert_file",
                "TLS needs both tls_cert_file and tls_key_file")
 
@@ -161,7 +165,7 @@ class SchedulerConfig:
 
 SERVING_FIELDS = ("host", "port", "executor_addresses", "model", "served_model_name", "max_waiting_requests",
                   "max_request_bytes", "executor_grace_seconds", "executor_step_timeout_seconds",
-                  "startup_timeout_seconds",
+                  "executor_health_timeout_seconds", "startup_timeout_seconds",
                   "shutdown_grace_seconds", "tls_cert_file", "tls_key_file", "auth_token", "metrics_port",
                   "async_scheduling")
 

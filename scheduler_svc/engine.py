@@ -13,9 +13,9 @@ processing and the request streams all run while the GPU computes, and only the 
 host work is left between two forward passes. Where a plan cannot be made ahead the engine waits for
 the result, as without the option.
 
-When a rank fails (its stream breaks, it dies, or it rejects a plan) or hangs (a step result or a
-health answer is later than `executor_step_timeout_seconds`: a stopped or wedged process), the engine
-reports NOT_SERVING,
+When a rank fails (its stream breaks, it dies, or it rejects a plan) or hangs (a step result later
+than `executor_step_timeout_seconds`, or no SERVING health answer for
+`executor_health_timeout_seconds`: a wedged or a stopped process), the engine reports NOT_SERVING,
 keeps every live request, drops the step in flight, and reconnects. Once every rank serves again the
 requests are recomputed from the tokens they had (DESIGN.md invariant 4). Past
 `executor_grace_seconds` they end with UNAVAILABLE, and new requests are refused until the ranks are
@@ -137,8 +137,9 @@ class Engine:
         self._sent: deque[_SentStep] = deque()        # plans in flight, oldest first
         self._last_result = 0.0                       # perf_counter when the last result arrived
         self._throughput = _ThroughputLog()
-        self._lost: ExecutorHungError | None = None     # a hung rank the liveness probe found
-        self._epoch = 0                                # recoveries so far: a probe's finding is of one
+        # Fails with ExecutorHungError when the liveness probe finds a hung rank; a new one after each
+        # recovery, so that a probe's finding is about the ranks it probed.
+        self._hung: asyncio.Future[None] | None = None
         self._probe: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class Engine:
         """Handshake with every rank (waiting up to startup_timeout_seconds), then run the loop."""
         deadline = time.monotonic() + self.config.startup_timeout_seconds
         await self._handshake(deadline, first=True)
+        self._hung = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name="engine-loop")
         self._probe = asyncio.create_task(self._probe_liveness(), name="executor-liveness")
 
@@ -173,7 +175,8 @@ class Engine:
         request = pb.InitCacheRequest(block_size=self.config.block_size,
                                       gpu_memory_utilization=self.config.gpu_memory_utilization,
                                       swap_space_bytes=self.config.swap_space_bytes,
-                                      max_num_batched_tokens=self._max_step_tokens())
+                                      max_num_batched_tokens=self._max_step_tokens(),
+                                      step_timeout_seconds=self.config.executor_step_timeout_seconds)
         # All at once: under tensor parallelism the ranks' profiling passes meet in collectives.
         caches = await asyncio.gather(*(link.init_cache(request) for link in self.links))
         num_gpu = min(c.num_gpu_blocks for c in caches)
@@ -273,8 +276,8 @@ class Engine:
         assert self.scheduler is not None
         scheduler = self.scheduler
         while True:
-            if self._lost is not None:
-                await self._recover(self._lost)
+            if self._hung is not None and self._hung.done():
+                await self._recover(self._hung.exception() or ExecutorHungError("hung"))
                 continue
             if not scheduler.num_steps_in_flight:
                 if not scheduler.has_unfinished:
@@ -332,49 +335,62 @@ class Engine:
     async def _receive_results(self) -> list[pb.StepResult]:
         """Every rank's result of the oldest step in flight.
 
-        Raises the first rank's RpcError as soon as one fails, and ExecutorHungError naming the late
-        ranks when they have not all answered within executor_step_timeout_seconds.
+        Raises a rank's RpcError as soon as one fails, the probe's ExecutorHungError as soon as it finds
+        a rank hung, and ExecutorHungError naming the late ranks when they have not all answered within
+        executor_step_timeout_seconds.
         """
         timeout = self.config.executor_step_timeout_seconds
         reads = [asyncio.ensure_future(link.receive()) for link in self.links]
-        _, late = await asyncio.wait(reads, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
-        for read in reads:
-            if read.done() and not read.cancelled() and read.exception() is not None:
-                for other in late:
-                    other.cancel()
-                raise read.exception()  # type: ignore[misc]
-        if late:
-            for read in late:
+        hung = self._hung
+        pending: set[asyncio.Future[Any]] = set(reads)
+        deadline = time.monotonic() + timeout
+        try:
+            while pending and (left := deadline - time.monotonic()) > 0:
+                waited = pending if hung is None else pending | {hung}
+                done, _ = await asyncio.wait(waited, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if hung is not None and hung.done():        # the probe found a rank hung meanwhile
+                    raise hung.exception()  # type: ignore[misc]
+                pending -= done
+                for read in done:
+                    if read.exception() is not None:
+                        raise read.exception()  # type: ignore[misc]
+        finally:
+            for read in pending:
                 read.cancel()
+        if pending:
             ranks = ", ".join(str(link.rank) for link, read in zip(self.links, reads, strict=True)
-                              if read in late)
+                              if read in pending)
             raise ExecutorHungError(f"executor rank(s) {ranks} sent no result for step "
                                     f"{self._sent[0].plan.step_id} within {timeout:g} s "
                                     "(executor_step_timeout_seconds)")
         return [read.result() for read in reads]
 
     async def _probe_liveness(self) -> None:
-        """While serving, check every rank's health each second; a rank that does not answer SERVING
-        within executor_step_timeout_seconds is hung, and the loop recovers from it.
+        """While serving, check every rank's health each second; a rank that has not answered SERVING
+        for executor_health_timeout_seconds is hung, and the loop recovers from it.
 
-        The step timeout catches a rank that hangs mid-step; this probe also catches one that hangs
-        while the engine is idle, before any request finds out.
+        The step timeout catches a rank that wedges mid-step; this probe catches a stopped or frozen
+        process at once, also while the engine is idle, before any request finds out.
         """
-        timeout = self.config.executor_step_timeout_seconds
+        timeout = self.config.executor_health_timeout_seconds
+        last_serving = {link.rank: time.monotonic() for link in self.links}
         while True:
             await asyncio.sleep(LIVENESS_PROBE_INTERVAL_SECONDS)
-            if not self.serving or self._lost is not None:
+            hung = self._hung
+            if not self.serving or hung is None or hung.done():
+                last_serving = dict.fromkeys(last_serving, time.monotonic())
                 continue
-            epoch = self._epoch
             for link in self.links:
                 if await link.is_serving(timeout=timeout):
+                    last_serving[link.rank] = time.monotonic()
                     continue
-                if self.serving and epoch == self._epoch:     # not already being recovered
-                    self._lost = ExecutorHungError(
-                        f"executor rank {link.rank} at {link.address} did not answer its health check "
-                        f"with SERVING within {timeout:g} s (executor_step_timeout_seconds)")
+                silent = time.monotonic() - last_serving[link.rank]
+                if silent >= timeout and self.serving and hung is self._hung:
+                    hung.set_exception(ExecutorHungError(
+                        f"executor rank {link.rank} at {link.address} has not answered its health check "
+                        f"with SERVING for {silent:.1f} s (executor_health_timeout_seconds {timeout:g})"))
                     self._wake.set()
-                break
+                    break
 
     def _record_step(self, sent: _SentStep, result: StepResult, received: float) -> None:
         """Metrics of one answered step.
@@ -445,8 +461,7 @@ class Engine:
     async def _recover(self, err: BaseException) -> None:
         """A rank failed: keep the requests, reconnect, and recompute them once every rank serves."""
         assert self.scheduler is not None
-        self._lost = None
-        self._epoch += 1
+        self._hung = asyncio.get_running_loop().create_future()
         log.error("executor failure: %s; live requests wait up to %.0f s for the executors to come back",
                   _describe_error(err), self.config.executor_grace_seconds)
         if isinstance(err, ExecutorStepError):

@@ -20,7 +20,9 @@ from clients.loadgen import WorkloadSpec, build_load_requests, run_workload
 
 # Over the 3,000 calls at which gRPC core's default backlog refused every new one.
 BURST = 3200
-SIMULATED = ("--backend", "simulated", "--simulated-vocab-size", "512", "--max-num-seqs", "256")
+# A small swap space: the simulated pools are plain Python, and 4 GiB of them take seconds to build.
+SIMULATED = ("--backend", "simulated", "--simulated-vocab-size", "512", "--max-num-seqs", "256",
+             "--swap-space-bytes", str(16 * 2**20))
 
 
 @pytest.fixture(scope="module")

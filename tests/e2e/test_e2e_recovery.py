@@ -83,13 +83,13 @@ def _stop_executor_and_time_not_serving(running, timeout: float) -> float:
 
 
 def test_stopped_executor_is_found_hung_restarted_and_requests_finish_unchanged(stack, start_stack):
-    """A SIGSTOPped executor never exits: the step timeout or the health probe finds it (mid-run and
+    """A SIGSTOPped executor never exits and never answers: the health probes find it (mid-run and
     idle), the launcher kills and restarts it, and the requests finish as if nothing happened."""
     requests = _requests(6)
     with stack.client() as client:
         expected = [list(client.generate(**r).outputs[0].token_ids) for r in requests]
     timeout = 3.0
-    running = start_stack("--executor-step-timeout-seconds", str(timeout))
+    running = start_stack("--executor-health-timeout-seconds", str(timeout))
     streams = StreamsInFlight(running.target, requests)
     streams.wait_for_tokens(5)
     # The probe runs each second, and its answer may take the whole timeout.
