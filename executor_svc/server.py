@@ -25,6 +25,7 @@ from executor_svc.backend import ExecutorBackend
 from executor_svc.config import ExecutorConfig
 from executor_svc.metrics import ExecutorMetrics
 from executor_svc.step_watchdog import StepWatchdog
+from pagedserve.grpc_decoding import DecodeErrorInterceptor
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
 from scheduler_svc.gc_policy import settle_heap
@@ -151,7 +152,7 @@ async def start_server(config: ExecutorConfig, backend: ExecutorBackend,
 
     Steps are recorded in `metrics` (a private set when None); serving them over HTTP is serve()'s job.
     """
-    server = grpc.aio.server(options=_message_options(config))
+    server = grpc.aio.server(options=_message_options(config), interceptors=[DecodeErrorInterceptor()])
     health_servicer = health.aio.HealthServicer()
     watchdog = StepWatchdog(functools.partial(_set_health, health_servicer))
     executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(backend, metrics, watchdog),

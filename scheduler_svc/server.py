@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagedserve.grpc_decoding import DecodeErrorInterceptor
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
 from scheduler_svc.api_codec import ParsedRequest, parse_request, response_to_proto
@@ -201,10 +202,12 @@ class SchedulerServer:
             raise InvalidArgumentError("model", f"cannot load a tokenizer from {model_dir}: {err}") from err
         self.health = health.aio.HealthServicer()
         self.engine = Engine(config, tokenizer, self.metrics, self._serving_changed)
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(
                 config.auth_token, lambda: self.metrics.record_request_rejected("UNAUTHENTICATED")))
+        # After auth: an unauthenticated call is refused as such, whatever its bytes.
+        interceptors.append(DecodeErrorInterceptor(self._count_undecodable))
         self.server = grpc.aio.server(options=_server_options(config), interceptors=interceptors)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.engine, config),
                                                                     self.server)
@@ -214,6 +217,10 @@ class SchedulerServer:
         self.port = 0
         self.metrics_port: int | None = None
         self._health_tasks: set[asyncio.Task[None]] = set()
+
+    def _count_undecodable(self, method: str) -> None:
+        if method.startswith(f"/{SERVICE_NAME}/"):      # health and reflection calls are not requests
+            self.metrics.record_request_rejected("INVALID_ARGUMENT")
 
     def _serving_changed(self, serving: bool) -> None:
         states = health_pb2.HealthCheckResponse
