@@ -12,6 +12,13 @@ from scheduler_svc.errors import InvalidArgumentError
 MAX_LOGPROBS = 20
 MAX_BEAM_WIDTH = 64
 MAX_BEST_OF = 64
+# Beam scores divide by length ** length_penalty: within +-10 that stays a finite, non-zero float for
+# any length below 2^32 (a penalty of 100 overflows it at 1,000 tokens).
+MAX_LENGTH_PENALTY = 10.0
+# Stop strings are matched by every output's detokenizer, which holds each one's every prefix: their
+# number and length bound that memory and the per-token work (a 100,000-character one took seconds).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 
 # When beam search ends, as in HF transformers (see scheduler_svc/beam_search.py): True, False or "never".
 EarlyStopping = bool | Literal["never"]
@@ -105,12 +112,17 @@ def _validate(p: SamplingParams) -> None:
     _require(0 <= p.min_tokens <= p.max_tokens, "min_tokens",
              f"must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}")
     _require(all(isinstance(s, str) and s for s in p.stop), "stop", "stop strings must be non-empty")
+    _require(len(p.stop) <= MAX_STOP_STRINGS, "stop",
+             f"at most {MAX_STOP_STRINGS} stop strings, got {len(p.stop)}")
+    _require(all(len(s) <= MAX_STOP_STRING_CHARS for s in p.stop), "stop",
+             f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters long")
     _require(all(t >= 0 for t in p.stop_token_ids), "stop_token_ids", "token ids must be >= 0")
     _require(0 <= p.logprobs <= MAX_LOGPROBS, "logprobs",
              f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
     _require(0 <= p.beam_width <= MAX_BEAM_WIDTH, "beam_width",
              f"must be in [0, {MAX_BEAM_WIDTH}], got {p.beam_width}")
-    _require(math.isfinite(p.length_penalty), "length_penalty", "must be a finite number")
+    _require(-MAX_LENGTH_PENALTY <= p.length_penalty <= MAX_LENGTH_PENALTY, "length_penalty",
+             f"must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got {p.length_penalty}")
     _validate_early_stopping(p)
     if p.beam_width > 0:
         _require(p.n <= p.beam_width, "n", f"must be at most beam_width ({p.beam_width}), got {p.n}")

@@ -25,6 +25,8 @@ from scheduler_svc.sampling_params import SamplingParams
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
     ({"stop": ("",)}, "stop"),
+    ({"stop": tuple(f"s{i}" for i in range(17))}, "stop"),
+    ({"stop": ("x" * 257,)}, "stop"),
     ({"stop_token_ids": frozenset({-3})}, "stop_token_ids"),
     ({"logprobs": 21}, "logprobs"),
     ({"beam_width": -1}, "beam_width"),
@@ -32,6 +34,8 @@ from scheduler_svc.sampling_params import SamplingParams
     ({"beam_width": 2, "temperature": 0.7}, "temperature"),
     ({"beam_width": 2, "temperature": 0.0, "best_of": 2}, "best_of"),
     ({"length_penalty": math.nan, "beam_width": 2, "temperature": 0.0}, "length_penalty"),
+    ({"length_penalty": 3.4e38, "beam_width": 2, "temperature": 0.0}, "length_penalty"),
+    ({"length_penalty": -10.5, "beam_width": 2, "temperature": 0.0}, "length_penalty"),
     ({"early_stopping": "always", "beam_width": 2, "temperature": 0.0}, "early_stopping"),
     ({"early_stopping": 1, "beam_width": 2, "temperature": 0.0}, "early_stopping"),
     ({"early_stopping": True}, "early_stopping"),               # only beam search reads it
