@@ -141,6 +141,7 @@ class Engine:
         # recovery, so that a probe's finding is about the ranks it probed.
         self._hung: asyncio.Future[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._stopped_by: BaseException | None = None   # what ended the loop, if it died
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class Engine:
         await self._handshake(deadline, first=True)
         self._hung = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name="engine-loop")
+        self._task.add_done_callback(self._loop_ended)
         self._probe = asyncio.create_task(self._probe_liveness(), name="executor-liveness")
 
     async def stop(self) -> None:
@@ -159,7 +161,8 @@ class Engine:
         for task in (self._task, self._probe):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A loop that died on an error has been reported by _loop_ended already.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         for link in self.links:
             await link.close()
@@ -230,6 +233,8 @@ class Engine:
             raise UnavailableError("no executor is serving yet; retry once health reports SERVING")
         if self._grace_expired():
             raise UnavailableError("no executor is serving: they were lost and have not come back")
+        if self._stopped_by is not None:
+            raise UnavailableError(f"the scheduler's engine stopped ({self._stopped_by!r}); restart it")
         if len(scheduler.waiting) >= self.config.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests); "
                                  "retry later")
@@ -269,6 +274,24 @@ class Engine:
         return since is not None and time.monotonic() - since > self.config.executor_grace_seconds
 
     # ---- the loop --------------------------------------------------------------------------------
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The loop ends only by cancellation; if an error ended it, say so everywhere.
+
+        Nothing would step the requests any more: each ends with INTERNAL, health reads NOT_SERVING so
+        that an orchestrator replaces this scheduler, and new requests are refused.
+        """
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        self._stopped_by = err
+        log.critical("the engine loop stopped on an unexpected error; failing every live request",
+                     exc_info=err)
+        self._set_serving(False)
+        if self.scheduler is not None:
+            self.scheduler.fail_requests(list(self.scheduler.groups), RequestErrorKind.INTERNAL,
+                                         f"the scheduler's engine stopped on an unexpected error: {err!r}")
+            self._dispatch(self._take_pending())
 
     async def _run(self) -> None:
         """Iterate while requests are live or a step is in flight; sleep when idle; recover when a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -59,9 +61,15 @@ class ExecutorLink:
         self._stream = self._connect().Execute()
 
     async def send(self, plan: pb.StepPlan) -> None:
-        """Write one plan on the open stream."""
+        """Write one plan on the open stream; raises grpc.RpcError when the stream has ended."""
         assert self._stream is not None, "open_stream() first"
-        await self._stream.write(plan)
+        try:
+            await self._stream.write(plan)
+        except asyncio.InvalidStateError:
+            # grpc.aio's answer to a write on a call that already ended (the rank died between two
+            # plans): the same loss as a broken read, so it must reach the engine as one.
+            raise StreamEndedError(f"executor rank {self.rank} at {self.address}: its Execute stream "
+                                   "had already ended when a plan was sent") from None
 
     async def receive(self) -> pb.StepResult:
         """Read the next result; raises grpc.RpcError when the stream ended or broke."""

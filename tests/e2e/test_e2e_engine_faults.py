@@ -1,7 +1,7 @@
-"""A rank whose step wedges while its server still answers: the step timeout, in one process.
+"""Faults the process tests cannot stage, in one process: a wedged step, a dead stream, a dead loop.
 
-The scheduler and an executor on the simulated backend run on one event loop; the backend's steps
-block from the fourth on until the test releases them, as a stuck kernel or collective would. The
+The scheduler and an executor on the simulated backend run on one event loop. In the first test the
+backend's fourth step blocks until the test releases it, as a stuck kernel or collective would: the
 scheduler must give up on the step after executor_step_timeout_seconds (NOT_SERVING, requests kept),
 the rank's own health must read NOT_SERVING while the step is overdue (so a supervisor restarts it),
 and once the rank serves again every request must finish exactly as without the fault.
@@ -14,21 +14,24 @@ import threading
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.client import AsyncPagedServeClient
+from clients.client import AsyncPagedServeClient, PagedServeError
 from executor_svc.config import ExecutorConfig
 from executor_svc.server import start_server
 from executor_svc.simulated_backend import SimulatedBackend
+from pagedserve.v1 import executor_pb2 as pb
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.plan import StepPlan, StepResult
 from scheduler_svc.server import SchedulerServer
 
 STEP_TIMEOUT = 1.5
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-REQUESTS = [{"prompt": [5 + i, 6, 7], "max_tokens": 12, "temperature": 1.0, "seed": 40 + i, "ignore_eos": True}
-            for i in range(4)]
+REQUESTS = [{"prompt": [5 + i, 6, 7], "max_tokens": 12, "temperature": 1.0, "seed": 40 + i,
+             "ignore_eos": True} for i in range(4)]
 
 
 class WedgingBackend:
@@ -120,3 +123,62 @@ def test_a_wedged_step_is_given_up_after_the_step_timeout_and_its_requests_finis
     assert outputs == expected                          # invariant 4: recomputed, nothing lost or changed
     assert timings["scheduler"] <= STEP_TIMEOUT + 1.0
     assert timings["rank"] <= STEP_TIMEOUT + 1.5        # the watchdog checks twice a second
+
+
+async def _send_after_the_rank_is_gone() -> None:
+    backend = SimulatedBackend(ExecutorConfig(backend="simulated", simulated_vocab_size=256))
+    executor, scheduler, address = await _serve(backend, STEP_TIMEOUT)
+    await scheduler.engine.stop()                       # the link below is the rank's only client
+    link = ExecutorLink(address, rank=0)
+    try:
+        link.open_stream()
+        await executor.stop(grace=0)                    # the rank goes away between two plans
+        with pytest.raises(grpc.RpcError):
+            for _ in range(50):                          # until the ended call is noticed
+                await link.send(pb.StepPlan(step_id=1))
+                await asyncio.sleep(0.02)
+    finally:
+        await link.close()
+        await scheduler.server.stop(grace=0)
+
+
+def test_a_plan_sent_on_a_stream_that_already_ended_raises_an_rpc_error():
+    """grpc.aio raises InvalidStateError there; the engine only recovers from RpcError."""
+    asyncio.run(_send_after_the_rank_is_gone())
+
+
+async def _loop_dies() -> tuple[list[BaseException | list[int]], int, Any]:
+    backend = SimulatedBackend(ExecutorConfig(backend="simulated", simulated_vocab_size=256))
+    executor, scheduler, _ = await _serve(backend, STEP_TIMEOUT)
+    engine = scheduler.engine
+    assert engine.scheduler is not None
+    process_result = engine.scheduler.process_result
+    calls = 0
+
+    def failing_process_result(result: StepResult) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("a scheduler bug")
+        return process_result(result)
+
+    engine.scheduler.process_result = failing_process_result  # type: ignore[method-assign]
+    target = f"127.0.0.1:{scheduler.port}"
+    try:
+        async with AsyncPagedServeClient(target) as client:
+            outcomes = await asyncio.gather(*(client.generate(**r) for r in REQUESTS), return_exceptions=True)
+            with pytest.raises(PagedServeError) as refused:
+                await client.generate(**REQUESTS[0])
+        return outcomes, await _health(target), refused.value
+    finally:
+        await scheduler.engine.stop()
+        await scheduler.server.stop(grace=0)
+        await executor.stop(grace=0)
+
+
+def test_an_unexpected_error_that_ends_the_engine_loop_ends_every_request_and_reads_not_serving():
+    outcomes, health, refused = asyncio.run(_loop_dies())
+    assert all(isinstance(o, PagedServeError) and o.code == grpc.StatusCode.INTERNAL
+               and "a scheduler bug" in o.message for o in outcomes)
+    assert health == NOT_SERVING
+    assert refused.code == grpc.StatusCode.UNAVAILABLE and "engine stopped" in refused.message
