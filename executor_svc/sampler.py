@@ -42,6 +42,27 @@ steps; greedy rows only take an argmax; top-p looks for its cut among the 256 mo
 sorting the whole row; a row whose filters kept few tokens hashes only those ids. On the CPU the work
 goes through blocks of rows sized to stay in cache (several times faster than whole-batch elementwise
 passes on a [256, 32000] batch); rows never interact, so blocking changes nothing either.
+
+Numerical safety. Every parameter a SamplingRow accepts and every logits row give a valid token and
+logprobs that are never NaN; a row whose numbers are ordinary is computed exactly as described above,
+and the checks below cost a reduction per block, not a pass that changes values.
+
+- Logits as read: NaN is -inf (never drawn); in a row with +inf logits, those tokens share all the
+  probability (the limit of a logit growing without bound: they read as 0, every other logit as -inf);
+  a row with no finite logit at all carries no information and reads as all zeros (uniform). Logprobs
+  are those of the row as read: finite for every token that has probability, -inf for one that has none.
+- Parameters enter float32 saturated at a range where the arithmetic stays finite: temperature,
+  repetition_penalty and top_p at least 2**-126 (float32's smallest normal number: a smaller value means
+  the same, and a subnormal divisor may be flushed to zero), temperature and repetition_penalty at most
+  float32's largest value, presence and frequency penalties within +-2**64.
+- A repetition penalty that lifts a positive logit past float32's range saturates there (the token stays
+  ahead of every other); one that pushes a negative logit past it makes it -inf (the token becomes
+  impossible, the limit of an ever larger penalty).
+- Temperature: where logits / T overflows (a tiny T, or logits a tiny repetition penalty made huge) the row
+  is scaled as (logits - max) / T instead, which has the same softmax and cannot overflow. So T -> 0 tends
+  to a uniform draw among the tokens tied for the top logit: the greedy token when it is unique.
+- A sampled row whose penalties and suppressed ids leave no finite logit has nothing to draw from: it
+  takes what greedy takes on such a row, the lowest id (0).
 """
 
 from __future__ import annotations
@@ -68,6 +89,22 @@ _TOP_P_PROBE = 256
 
 # A row whose filters keep at most V / _NARROW_FACTOR tokens races among those alone.
 _NARROW_FACTOR = 8
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)     # 2**-126, the smallest normal float32
+# |presence| and |frequency| beyond this change no choice, and below it a penalty times any count of
+# output tokens (< 2**31) stays far below half a unit in the last place of float32's largest value, so
+# subtracting it from a logit can neither overflow nor turn -inf into NaN.
+_PENALTY_LIMIT = 2.0**64
+# The range each float parameter is saturated into when it enters float32 (module docstring).
+_COLUMN_RANGES = {
+    "temperature": (_FLOAT32_TINY, _FLOAT32_MAX),
+    "repetition_penalty": (_FLOAT32_TINY, _FLOAT32_MAX),
+    "top_p": (_FLOAT32_TINY, 1.0),
+    "min_p": (0.0, 1.0),
+    "presence_penalty": (-_PENALTY_LIMIT, _PENALTY_LIMIT),
+    "frequency_penalty": (-_PENALTY_LIMIT, _PENALTY_LIMIT),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +189,12 @@ class Sampler:
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
         block = _rows_per_block(raw)
-        parts = [_process_block(raw[i:i + block], rows[i:i + block]) for i in range(0, len(rows), block)]
-        tokens = torch.cat([t for t, _ in parts])                        # [N]
-        normaliser = torch.cat([n for _, n in parts])                    # [N, 1]
+        blocks = [raw[i:i + block] for i in range(0, len(rows), block)]
+        parts = [_process_block(part, rows[i * block:(i + 1) * block]) for i, part in enumerate(blocks)]
+        if any(read is not part for (read, _, _), part in zip(parts, blocks, strict=True)):
+            raw = torch.cat([read for read, _, _ in parts])              # some rows were sanitised
+        tokens = torch.cat([t for _, t, _ in parts])                     # [N]
+        normaliser = torch.cat([n for _, _, n in parts])                 # [N, 1]
         return _with_logprobs(raw, normaliser, tokens, rows)
 
 
@@ -195,8 +235,9 @@ def uniform_noise(keys: Sequence[int] | np.ndarray, token_ids: torch.Tensor) -> 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Repetition, presence and frequency penalties, then suppression: [N, V] float32.
 
-    logits: [N, V] float32. It is never modified: the result is a new tensor, or logits itself when no
-    row has a penalty or a suppressed id.
+    logits: [N, V] float32 with no NaN or +inf (as the sampler reads them). It is never modified: the
+    result is a new tensor, or logits itself when no row has a penalty or a suppressed id. The result has
+    no NaN or +inf either: a penalised logit saturates at float32's largest value, or becomes -inf.
     """
     logits = _penalise(logits, rows)
     return _suppress(logits, rows)
@@ -205,20 +246,59 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
 def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Temperature, softmax and the top-k / top-p / min-p filters of sampled rows: [N, V] float32.
 
-    logits: [N, V] float32, already penalised; every row must have temperature > 0. The result is not
-    renormalised (the race does not need it).
+    logits: [N, V] float32, already penalised, with no NaN or +inf; every row must have temperature > 0.
+    The result is not renormalised (the race does not need it); every row has a non-zero maximum.
     """
     temperature = _column(rows, "temperature", logits)                  # [N, 1]
-    probs = torch.softmax(logits / temperature, dim=-1)                 # [N, V]
+    scaled = logits / temperature                                       # [N, V]
+    peak = scaled.amax(dim=-1)                                          # [N]
+    if not bool(torch.isfinite(peak).all()):                            # overflowed, or all -inf
+        scaled = _rescaled(logits, temperature, scaled, torch.isfinite(peak))
+    probs = torch.softmax(scaled, dim=-1)                               # [N, V]
     threshold = _thresholds(probs, rows)                                # [N] or None
     if threshold is None:
         return probs
     return probs.masked_fill(probs < threshold[:, None], 0.0)
 
 
-def _process_block(raw: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens [B] for one block of rows, and logsumexp of the raw logits [B, 1]; raw: [B, V] float32."""
-    return _draw(raw, rows), raw.logsumexp(dim=-1, keepdim=True)
+def _process_block(raw: torch.Tensor,
+                   rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of rows, raw: [B, V] float32: the logits as read [B, V] (raw itself unless a row needed
+    sanitising), the tokens [B], and the logsumexp of the logits as read [B, 1]."""
+    normaliser = raw.logsumexp(dim=-1, keepdim=True)                    # [B, 1]
+    # The logsumexp is finite exactly when a row has no NaN, no +inf and some finite logit: checking it
+    # costs no pass over the logits on the usual path.
+    if not bool(torch.isfinite(normaliser).all()):
+        raw = _sanitised(raw)
+        normaliser = raw.logsumexp(dim=-1, keepdim=True)
+    return raw, _draw(raw, rows), normaliser
+
+
+def _sanitised(raw: torch.Tensor) -> torch.Tensor:
+    """Logits as the sampler reads them, a new [B, V] tensor: NaN -> -inf; in a row with +inf, those
+    tokens share all the probability (0, and -inf elsewhere); a row with no finite logit -> all zeros."""
+    clean = raw.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    certain = clean == math.inf                                          # [B, V]
+    # The limit of a logit growing without bound: its token takes all the mass (shared when tied).
+    clean = torch.where(certain.any(dim=-1, keepdim=True), torch.where(certain, 0.0, -math.inf), clean)
+    empty = ~(clean > -math.inf).any(dim=-1, keepdim=True)               # [B, 1]
+    return clean.masked_fill(empty, 0.0)
+
+
+def _rescaled(logits: torch.Tensor, temperature: torch.Tensor, scaled: torch.Tensor,
+              finite: torch.Tensor) -> torch.Tensor:
+    """scaled = logits / temperature [N, V], with every row whose maximum is not finite (`finite` [N] is
+    False) replaced so that its softmax is defined.
+
+    Such a row becomes (logits - max) / temperature: the same softmax, its largest entry exactly 0, and no
+    overflow towards +inf (nothing is above 0) nor NaN (logits hold no +inf). A row with no finite logit
+    becomes 0 at id 0 and -inf elsewhere: nothing else can be drawn, and greedy takes id 0 there too.
+    """
+    top = logits.amax(dim=-1, keepdim=True)                             # [N, 1]
+    alive = top > -math.inf                                             # [N, 1]
+    shifted = (logits - torch.where(alive, top, 0.0)) / temperature     # [N, V]; dead rows stay -inf
+    shifted[:, 0] = torch.where(alive.squeeze(1), shifted[:, 0], 0.0)
+    return torch.where(finite[:, None], scaled, shifted)
 
 
 def _draw(raw: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -300,6 +380,7 @@ def _penalise_all(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
         seen = (counts > 0) | (_token_counts([r.prompt_token_ids for r in rows], logits) > 0)  # [P, V]
         penalty = _column(rows, "repetition_penalty", logits)           # [P, 1]
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        logits = logits.clamp_(max=_FLOAT32_MAX)       # a tiny penalty lifts a positive logit past float32
     if any(r.presence_penalty != 0 or r.frequency_penalty != 0 for r in rows):
         presence = _column(rows, "presence_penalty", logits)            # [P, 1]
         frequency = _column(rows, "frequency_penalty", logits)          # [P, 1]
@@ -445,8 +526,11 @@ def _rows_per_block(raw: torch.Tensor) -> int:
 
 
 def _column(rows: Sequence[SamplingRow], field: str, like: torch.Tensor) -> torch.Tensor:
-    """One float parameter of every row as a [N, 1] float32 column on like's device."""
-    return torch.tensor([getattr(r, field) for r in rows], dtype=torch.float32, device=like.device)[:, None]
+    """One float parameter of every row as a [N, 1] float32 column on like's device, each value saturated
+    into the field's range in _COLUMN_RANGES (values inside it are unchanged)."""
+    low, high = _COLUMN_RANGES[field]
+    values = [min(max(getattr(r, field), low), high) for r in rows]
+    return torch.tensor(values, dtype=torch.float32, device=like.device)[:, None]
 
 
 def _index(positions: Sequence[int], like: torch.Tensor) -> torch.Tensor:
