@@ -16,6 +16,20 @@ from scheduler_svc.plan import (
 _START_FIELDS = ("request_id", "num_prompt_tokens", "seed", "sample_index", "temperature", "top_p", "top_k",
                  "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens")
 
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 2.0**-126           # the smallest normal float32
+_UINT32_MAX = 2**32 - 1
+# SequenceStart fields whose valid values the wire's float32 / uint32 cannot all hold, and the range
+# each is saturated into when encoded. Every value SamplingParams accepts then arrives meaning what it
+# meant: a temperature or repetition penalty beyond float32 would read as inf, a top_p below it as 0
+# (both invalid), and a top_k past uint32 could not be encoded at all (top_k >= the vocabulary is off).
+_START_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, _FLOAT32_MAX),                 # a positive value that rounds to 0 is greedy
+    "top_p": (_FLOAT32_TINY, 1.0),
+    "repetition_penalty": (_FLOAT32_TINY, _FLOAT32_MAX),
+    "top_k": (0, _UINT32_MAX),
+}
+
 
 class ExecutorStepError(RuntimeError):
     """The executor rejected or failed a step; its message says why."""
@@ -51,10 +65,19 @@ def plan_to_proto(plan: StepPlan) -> pb.StepPlan:
         if work.start is not None:
             start = item.start
             for name in _START_FIELDS:
-                setattr(start, name, getattr(work.start, name))
+                setattr(start, name, _wire_value(name, getattr(work.start, name)))
             start.suppressed_token_ids.extend(work.start.suppressed_token_ids)
             start.cached_token_ids.extend(work.start.cached_token_ids)
     return msg
+
+
+def _wire_value(name: str, value: str | float) -> str | float:
+    """A SequenceStart field as encoded: saturated into _START_RANGES where the field has a range."""
+    bounds = _START_RANGES.get(name)
+    if bounds is None or isinstance(value, str):
+        return value
+    low, high = bounds
+    return min(max(value, low), high)
 
 
 def plan_from_proto(msg: pb.StepPlan) -> StepPlan:

@@ -367,7 +367,10 @@ class Scheduler:
         suppressed: tuple[int, ...] = ()
         if p.min_tokens:
             eos = () if p.ignore_eos else tuple(group.eos_token_ids)
-            suppressed = tuple(sorted({*eos, *p.stop_token_ids}))
+            # A stop token id outside the vocabulary can never be sampled: suppressing it is a no-op,
+            # and the executor would refuse it.
+            vocab = self.vocab_size
+            suppressed = tuple(sorted(t for t in {*eos, *p.stop_token_ids} if vocab is None or t < vocab))
         return SequenceStart(request_id=group.request_id, num_prompt_tokens=seq.prompt_len, seed=group.seed,
                              sample_index=seq.sample_index, temperature=p.temperature, top_p=p.top_p,
                              top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,

@@ -1,20 +1,30 @@
 """The sampler is numerically safe for every parameter validation accepts and for any logits: tiny and huge
-temperatures and penalties, NaN and infinite logits."""
+temperatures and penalties, NaN and infinite logits, and a property test that samples the whole accepted
+SamplingParams space (as the scheduler plans it and the executor reads it) mixed with greedy rows."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
+from executor_svc.runner import ModelRunner  # noqa: E402
 from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow  # noqa: E402
+from scheduler_svc.config import SchedulerConfig  # noqa: E402
+from scheduler_svc.plan import StepPlan  # noqa: E402
+from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto  # noqa: E402
+from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
+from scheduler_svc.scheduler import Scheduler  # noqa: E402
+from scheduler_svc.sequence_registry import SequenceState  # noqa: E402
+from tests.sampling_strategies import FLOAT32_MAX, FLOAT64_MAX, accepted_sampling_params  # noqa: E402
 
 SAMPLER = Sampler()
 TINY_TEMPERATURES = [1e-38, 1e-45, 5e-324, 1e-300]
-FLOAT32_MAX = 3.4028234663852886e38
-FLOAT64_MAX = 1.7976931348623157e308
+EOS = 2
 
 
 def make_row(**fields: object) -> SamplingRow:
@@ -211,3 +221,88 @@ def test_half_precision_overflow_reads_as_infinity() -> None:
     out = SAMPLER(logits, [make_row(), make_row(temperature=0.0)])
     assert out.token_ids[0] == 7 and out.logprobs[0] == 0.0
     assert out.token_ids[1] == int(logits[1].float().argmax())
+
+
+# 4. The whole accepted parameter space, as the scheduler plans it, mixed with greedy rows.
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[int, list[SamplingParams], list[str], bool, int]:
+    """(vocab size, request parameters, the logits kind of each request, whether the plan crosses the
+    wire, a seed for the logits)."""
+    vocab = draw(st.sampled_from([128, 1000, 4096]))
+    params = draw(st.lists(accepted_sampling_params(max_sequences=4), min_size=1, max_size=5))
+    greedy = [SamplingParams(temperature=0.0, logprobs=draw(st.integers(0, 3)))
+              for _ in range(draw(st.integers(1, 5)))]
+    kinds = ["clean"] * len(params) + ["greedy"] * len(greedy)
+    extreme_kinds = st.sampled_from(["clean", "clean", "clean", "huge", "tiny", "all nan", "some nan", "+inf",
+                                     "all -inf"])
+    kinds[:len(params)] = [draw(extreme_kinds) for _ in params]
+    order = draw(st.permutations(range(len(kinds))))
+    return (vocab, [[*params, *greedy][i] for i in order], [kinds[i] for i in order], draw(st.booleans()),
+            draw(st.integers(0, 2**31)))
+
+
+def planned_rows(vocab: int, params: list[SamplingParams], wire: bool, seed: int
+                 ) -> list[tuple[int, SamplingRow]]:
+    """(request index, row) for every row the executor samples for these requests' first step, with
+    made-up output histories, built the way the executor builds them from the scheduler's plan."""
+    scheduler = Scheduler(SchedulerConfig(block_size=16, max_num_batched_tokens=4096), 512, 0, 2048,
+                          eos_token_ids=[EOS], vocab_size=vocab, seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(params):
+        prompt = torch.randint(0, vocab, (1 + i % 7,), generator=generator).tolist()
+        scheduler.add_request(f"r{i}", prompt, p)
+    plan: StepPlan = scheduler.schedule()
+    if wire:                                                # float32 fields, as a remote executor sees
+        plan = plan_from_proto(plan_to_proto(plan))
+    rows = []
+    for work in plan.sequences:
+        start = work.start
+        assert start is not None
+        outputs = torch.randint(0, vocab, (seed % 5,), generator=generator).tolist()
+        state = SequenceState(start, start.sample_index, [*work.token_ids, *outputs])
+        request = int(start.request_id[1:])
+        rows.extend((request, ModelRunner._sampling_row(state, j, work.num_logprobs))
+                    for j in range(work.num_samples))
+    return rows
+
+
+def logits_for(kinds: list[str], vocab: int, seed: int) -> torch.Tensor:
+    """One row of logits per row kind: ordinary, huge or tiny in scale, or poisoned."""
+    logits = logits_of(len(kinds), vocab, seed, scale=3.0)
+    for i, kind in enumerate(kinds):
+        if kind == "huge":
+            logits[i] *= 1e36
+        elif kind == "tiny":
+            logits[i] *= 1e-36
+        elif kind not in ("clean", "greedy"):
+            logits[i] = poisoned(kind, vocab)[0]
+    return logits
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_every_accepted_parameter_set_samples_safely_beside_greedy_rows(batch) -> None:
+    vocab, params, kinds, wire, seed = batch
+    planned = planned_rows(vocab, params, wire, seed)
+    rows = [row for _, row in planned]
+    row_kinds = [kinds[request] for request, _ in planned]
+    logits = logits_for(row_kinds, vocab, seed)
+    out = SAMPLER(logits, rows)
+    assert_no_nan(out)
+    for i, (row, kind) in enumerate(zip(rows, row_kinds, strict=True)):
+        token = out.token_ids[i]
+        assert 0 <= token < vocab
+        assert len(out.top_logprobs[i]) == row.num_logprobs
+        if kind in ("clean", "greedy", "tiny"):             # finite logits: a finite logprob, never a
+            assert math.isfinite(out.logprobs[i])           # suppressed id (plenty of others are left)
+            assert all(math.isfinite(lp) for _, lp in out.top_logprobs[i])
+            assert token not in row.suppressed_token_ids
+        if kind == "greedy":
+            assert token == int(logits[i].argmax())
+        # A row's draw is its own (invariant 5). Which of several tied alternatives tops the logprobs
+        # may depend on the batch (torch.topk's order of equal values), their values do not.
+        alone = SAMPLER(logits[i:i + 1], [row])
+        assert (alone.token_ids[0], alone.logprobs[0]) == (token, out.logprobs[i])
+        assert [lp for _, lp in alone.top_logprobs[0]] == [lp for _, lp in out.top_logprobs[i]]
+
