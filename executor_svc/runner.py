@@ -3,10 +3,18 @@
 The runner keeps, per sequence, its sampling settings, its token history (the tokens whose K/V are
 cached, for penalties and the sampler's token index) and its block table, so plans only carry what
 changed. Everything a plan names is checked before anything is applied (plan_validation).
+
+Fault isolation: the forward pass is the whole batch's, and its failure fails the step. What follows it
+belongs to one sequence at a time: a sequence whose sampling rows cannot be built, or whose rows the
+sampler cannot sample, gets an error in its SequenceResult and every other sequence its samples. The
+batch is sampled in one call; only if that raises is it sampled again sequence by sequence, to find
+the sequences at fault. A failed sequence's later work (in plans made before the scheduler knew) is
+skipped and answered with the same error until a plan forgets it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,9 +25,13 @@ from executor_svc.cuda_graphs import DecodeGraphs
 from executor_svc.kv_cache import KVCache
 from executor_svc.models.base import CausalLM
 from executor_svc.roofline import DecodeRoofline
-from executor_svc.sampler import Sampler, SamplingRow
+from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow
 from scheduler_svc.plan import Sample, SequenceResult, SequenceWork, StepPlan, StepResult
 from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
+
+log = logging.getLogger("pagedserve.executor")
+# A sequence's samples, or why it has none.
+_Outcome = tuple[Sample, ...] | str
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +92,7 @@ class ModelRunner:
         self.kv_cache.copy_blocks(plan.copy)
         swap_seconds = time.perf_counter() - swap_start
         forward_start = time.perf_counter()
-        results = self._forward(plan.sequences) if plan.sequences else ()
+        results = self._run_batch(plan.sequences) if plan.sequences else ()
         forward_seconds = time.perf_counter() - forward_start
         self.seqs.forget(plan.forget_seq_ids)
         return StepResult(plan.step_id, results, forward_seconds=forward_seconds, swap_seconds=swap_seconds,
@@ -92,6 +104,18 @@ class ModelRunner:
             return 0.0
         return self.roofline.seconds([w.start_position + 1 for w in works])
 
+    def _run_batch(self, works: list[SequenceWork]) -> tuple[SequenceResult, ...]:
+        """Forward and sample the step's work; work of a sequence that failed before only gets its error."""
+        failed = [w for w in works if self.seqs.is_failed(w)]
+        if not failed:
+            return self._forward(works)
+        live = [w for w in works if not self.seqs.is_failed(w)]
+        results = {r.seq_id: r for r in (self._forward(live) if live else ())}
+        for work in failed:
+            if work.num_samples:
+                results[work.seq_id] = SequenceResult(work.seq_id, (), self.seqs[work.seq_id].error)
+        return tuple(results[w.seq_id] for w in works if w.seq_id in results)
+
     @torch.inference_mode()
     def _forward(self, works: list[SequenceWork]) -> tuple[SequenceResult, ...]:
         batch = prepare_batch(self.seqs, works, self.block_size, self.device)
@@ -100,26 +124,54 @@ class ModelRunner:
         else:
             context = ForwardContext(self.kv_cache.gpu, batch.meta)
             hidden = self.model(batch.input_ids, batch.meta.positions, context)  # [T, hidden]
-        token_rows, rows = [], []
+        outcomes: dict[int, _Outcome] = {}
+        token_rows: list[int] = []
+        rows: list[SamplingRow] = []
+        spans: list[tuple[int, int, int]] = []          # (seq_id, first row, rows) of each sampled sequence
         for work, last in zip(works, batch.last_token, strict=True):
-            state = self.seqs[work.seq_id]
-            for j in range(work.num_samples):
-                token_rows.append(last)
-                rows.append(self._sampling_row(state, j, work.num_logprobs))
-        if not rows:
-            return ()
-        logits = self.model.compute_logits(hidden[torch.tensor(token_rows, device=self.device)])  # [N, V]
-        out = self.sampler(logits, rows)
-        results, row = [], 0
-        for work in works:
             if not work.num_samples:
                 continue
-            samples = tuple(Sample(out.token_ids[r], out.logprobs[r], out.top_logprobs[r])
-                            for r in range(row, row + work.num_samples))
-            self.seqs.record_sample(work.seq_id, samples[0].token_id)
-            results.append(SequenceResult(work.seq_id, samples))
-            row += work.num_samples
-        return tuple(results)
+            try:
+                state = self.seqs[work.seq_id]
+                seq_rows = [self._sampling_row(state, j, work.num_logprobs) for j in range(work.num_samples)]
+            except Exception as err:        # this sequence's settings; the others are unaffected
+                outcomes[work.seq_id] = f"bad sampling settings: {err!r}"
+                continue
+            spans.append((work.seq_id, len(rows), len(seq_rows)))
+            token_rows.extend([last] * len(seq_rows))
+            rows.extend(seq_rows)
+        if rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(token_rows, device=self.device)])  # [N, V]
+            outcomes.update(self._sample(logits, rows, spans))
+        return tuple(self._result(work.seq_id, outcomes[work.seq_id]) for work in works if work.num_samples)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+                spans: list[tuple[int, int, int]]) -> dict[int, _Outcome]:
+        """Each sampled sequence's samples: the whole batch in one call, or, if that raises, sequence by
+        sequence, so that a failure is charged only to the sequences whose rows cause it."""
+        try:
+            out = self.sampler(logits, rows)
+            return {seq_id: _samples(out, first, count) for seq_id, first, count in spans}
+        except Exception:
+            log.warning("sampling the batch of %d rows failed; sampling it sequence by sequence", len(rows),
+                        exc_info=True)
+        outcomes: dict[int, _Outcome] = {}
+        for seq_id, first, count in spans:
+            try:
+                alone = self.sampler(logits[first:first + count], rows[first:first + count])
+                outcomes[seq_id] = _samples(alone, 0, count)
+            except Exception as err:
+                outcomes[seq_id] = f"sampling failed: {err!r}"
+        return outcomes
+
+    def _result(self, seq_id: int, outcome: _Outcome) -> SequenceResult:
+        """Record a sequence's outcome (its sample to feed back, or its failure) and report it."""
+        if isinstance(outcome, str):
+            self.seqs.record_failure(seq_id, outcome)
+            log.error("request %s, sequence %d: %s", self.seqs[seq_id].start.request_id, seq_id, outcome)
+            return SequenceResult(seq_id, (), outcome)
+        self.seqs.record_sample(seq_id, outcome[0].token_id)
+        return SequenceResult(seq_id, outcome)
 
     @staticmethod
     def _sampling_row(state: SequenceState, sample: int, num_logprobs: int) -> SamplingRow:
@@ -137,3 +189,9 @@ class ModelRunner:
                            prompt_token_ids=history[:prompt_len], output_token_ids=history[prompt_len:],
                            suppressed_token_ids=s.suppressed_token_ids if token_index < s.min_tokens else (),
                            num_logprobs=num_logprobs)
+
+
+def _samples(out: SamplerOutput, first: int, count: int) -> tuple[Sample, ...]:
+    """Rows first .. first + count - 1 of a sampler's output as Samples."""
+    return tuple(Sample(out.token_ids[r], out.logprobs[r], out.top_logprobs[r])
+                 for r in range(first, first + count))

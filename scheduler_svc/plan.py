@@ -125,10 +125,17 @@ class Sample:
 
 @dataclass(frozen=True, slots=True)
 class SequenceResult:
-    """The samples one sequence produced in a step (`num_samples` of them, in sample order)."""
+    """The samples one sequence produced in a step (`num_samples` of them, in sample order), or why it
+    produced none.
+
+    `error` is set (and `samples` empty) when the sequence's own work failed after the forward pass:
+    only its request ends, and the executor answers its later work with the same error until the
+    sequence is forgotten.
+    """
 
     seq_id: int
     samples: tuple[Sample, ...]
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,7 @@ def result_to_proto(result: StepResult) -> pb.StepResult:
     msg = pb.StepResult(step_id=result.step_id, forward_seconds=result.forward_seconds,
                         swap_seconds=result.swap_seconds, roofline_seconds=result.roofline_seconds)
     for seq in result.sequences:
-        item = msg.sequences.add(seq_id=seq.seq_id)
+        item = msg.sequences.add(seq_id=seq.seq_id, error=seq.error)
         for sample in seq.samples:
             out = item.samples.add(token_id=sample.token_id, logprob=sample.logprob)
             for token_id, logprob in sample.top_logprobs:
@@ -126,6 +126,6 @@ def result_from_proto(msg: pb.StepResult) -> StepResult:
         step_id=msg.step_id,
         sequences=tuple(SequenceResult(item.seq_id, tuple(
             Sample(s.token_id, s.logprob, tuple((t.token_id, t.logprob) for t in s.top_logprobs))
-            for s in item.samples)) for item in msg.sequences),
+            for s in item.samples), item.error) for item in msg.sequences),
         forward_seconds=msg.forward_seconds, swap_seconds=msg.swap_seconds,
         roofline_seconds=msg.roofline_seconds)

@@ -24,7 +24,15 @@ from scheduler_svc.block_manager import AllocStatus, BlockManager
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
 from scheduler_svc.errors import InvalidArgumentError, PlanResultMismatchError, RequestErrorKind
 from scheduler_svc.outputs import CompletionOutput, RequestOutput
-from scheduler_svc.plan import Sample, SequenceFork, SequenceStart, SequenceWork, StepPlan, StepResult
+from scheduler_svc.plan import (
+    Sample,
+    SequenceFork,
+    SequenceResult,
+    SequenceStart,
+    SequenceWork,
+    StepPlan,
+    StepResult,
+)
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from scheduler_svc.stats import SchedulerStats
@@ -481,33 +489,38 @@ class Scheduler:
             raise PlanResultMismatchError(f"result for step {result.step_id} but step "
                                           f"{step.plan.step_id if step else None} is the oldest in flight")
         plan = step.plan
-        by_seq = {r.seq_id: r.samples for r in result.sequences}
-        sampled = 0
-        for work in plan.sequences:
-            got = len(by_seq.get(work.seq_id, ()))
-            if got != work.num_samples:
-                raise PlanResultMismatchError(f"step {plan.step_id}: sequence {work.seq_id} asked for "
-                                              f"{work.num_samples} samples, got {got}")
-            sampled += got > 0
-        if sampled != len(by_seq):
-            raise PlanResultMismatchError(
-                f"step {plan.step_id}: the result names sequences the plan did not sample")
+        by_seq = {r.seq_id: r for r in result.sequences}
+        _check_answers(plan, by_seq)
         self._in_flight.popleft()
         touched: dict[SequenceGroup, list[_SeqSamples]] = {}
+        failed: dict[SequenceGroup, SequenceResult] = {}
         finished = SequenceStatus.FINISHED
         for work, seq in zip(plan.sequences, step.seqs, strict=True):
             computed = len(work.token_ids) + work.feeds_last_sample     # work.num_tokens, inlined
             seq.num_in_flight_tokens -= computed
             seq.num_pending_samples -= work.num_samples > 0
-            if seq.status is finished:      # ended (abort, stop string, EOS) while the step ran
+            if seq.status is finished:      # ended (abort, stop string, EOS, failure) while the step ran
                 continue
             seq.num_computed_tokens += computed
             if work.num_samples:
-                touched.setdefault(seq.group, []).append((seq, by_seq[work.seq_id]))
+                answer = by_seq[work.seq_id]
+                if answer.error:
+                    failed.setdefault(seq.group, answer)
+                else:
+                    touched.setdefault(seq.group, []).append((seq, answer.samples))
+        for group, answer in failed.items():
+            self._fail_on_executor(group, answer)
         for group, items in touched.items():
             if not group.is_finished:
                 self._apply_samples(group, items)
         return self.pop_outputs()
+
+    def _fail_on_executor(self, group: SequenceGroup, answer: SequenceResult) -> None:
+        """End a request one of whose sequences the executor could not sample (INTERNAL); its blocks are
+        free at once and the executors forget its sequences with the next plan."""
+        message = (f"request {group.request_id!r}: the executor failed on its sequence {answer.seq_id}: "
+                   f"{answer.error}")
+        self.fail_requests([group.request_id], RequestErrorKind.INTERNAL, message)
 
     def _apply_samples(self, group: SequenceGroup, items: list[_SeqSamples]) -> None:
         if group.params.use_beam_search:
@@ -705,6 +718,28 @@ class Scheduler:
         assert sum(len(q) for q in queues.values()) == len(live), "a live group is in no queue, or in two"
         for group in live:
             assert group.num_unfinished == len(group.unfinished_seqs()), f"{group.request_id}: count drifted"
+
+
+def _check_answers(plan: StepPlan, by_seq: dict[int, SequenceResult]) -> None:
+    """Raise PlanResultMismatchError unless exactly the work items that sample are answered, each with
+    its num_samples samples or with an error."""
+    answered = 0
+    for work in plan.sequences:
+        answer = by_seq.get(work.seq_id)
+        if answer is None:
+            got = 0
+        elif answer.error and work.num_samples and not answer.samples:
+            answered += 1
+            continue
+        else:
+            got = len(answer.samples)
+        if got != work.num_samples:
+            raise PlanResultMismatchError(f"step {plan.step_id}: sequence {work.seq_id} asked for "
+                                          f"{work.num_samples} samples, got {got}")
+        answered += got > 0
+    if answered != len(by_seq):
+        raise PlanResultMismatchError(
+            f"step {plan.step_id}: the result names sequences the plan did not sample")
 
 
 def _queue_seconds(group: SequenceGroup) -> float | None:

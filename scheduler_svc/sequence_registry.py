@@ -24,6 +24,9 @@ class SequenceState:
     block_table: list[int] = field(default_factory=list)
     # Sample 0 of this sequence's last step, which a plan made ahead may feed back as its next input.
     last_sample: int | None = None
+    # Why this sequence's own work failed (empty while it has not): its request is ending, and its
+    # work in plans made before the scheduler knew is skipped until the sequence is forgotten.
+    error: str = ""
 
 
 class SequenceRegistry(dict[int, SequenceState]):
@@ -31,7 +34,8 @@ class SequenceRegistry(dict[int, SequenceState]):
 
     def validate(self, plan: StepPlan, block_size: int, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
         """Raise MalformedPlanError if the plan does not fit what is held; changes nothing."""
-        known = {seq_id: (len(s.token_ids), len(s.block_table), s.last_sample is not None)
+        # A failed sequence may be fed back: that work is skipped, not run.
+        known = {seq_id: (len(s.token_ids), len(s.block_table), s.last_sample is not None or bool(s.error))
                  for seq_id, s in self.items()}
         validate_plan(plan, known, block_size, num_gpu_blocks, num_cpu_blocks)
 
@@ -65,6 +69,17 @@ class SequenceRegistry(dict[int, SequenceState]):
     def record_sample(self, seq_id: int, token_id: int) -> None:
         """Keep sample 0 of this step: a plan made ahead may feed it back next step."""
         self[seq_id].last_sample = token_id
+
+    def record_failure(self, seq_id: int, error: str) -> None:
+        """The sequence's own work failed this step; it samples nothing until it is forgotten."""
+        state = self[seq_id]
+        state.error = error
+        state.last_sample = None
+
+    def is_failed(self, work: SequenceWork) -> bool:
+        """Whether this work belongs to a sequence whose work failed before (a start begins anew)."""
+        state = self.get(work.seq_id)
+        return work.start is None and state is not None and bool(state.error)
 
     def forget(self, seq_ids: list[int]) -> None:
         """Drop finished, aborted and recomputed sequences."""

@@ -223,7 +223,8 @@ def full_step_result() -> executor_pb2.StepResult:
     )
     return executor_pb2.StepResult(
         step_id=12345,
-        sequences=[executor_pb2.SequenceResult(seq_id=9, samples=[sample, sample])],
+        sequences=[executor_pb2.SequenceResult(seq_id=9, samples=[sample, sample],
+                                               error="sampling failed: ValueError('boom')")],
         forward_seconds=0.0125,
         swap_seconds=0.5,
         roofline_seconds=0.0075,
