@@ -34,6 +34,7 @@ class Toy:
     def __init__(self) -> None:
         self.seen: list[str] = []
         self.cleaned_up = 0
+        self.address = ""               # where the server listens, once it does
 
     async def unary_stream(self, request: Request, context: Any) -> AsyncIterator[Response]:
         try:
@@ -86,6 +87,7 @@ async def serve(test: Callable[[grpc.aio.Channel, Toy, list[str]], Awaitable[Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port("127.0.0.1:0")
+    toy.address = f"127.0.0.1:{port}"
     await server.start()
     await health_servicer.set("x", Response.SERVING)
     try:
@@ -166,7 +168,7 @@ def test_a_bad_message_in_a_request_stream_ends_the_call_after_the_good_ones() -
     async def test(channel: grpc.aio.Channel, toy: Toy, rejected: list[str]) -> None:
         method = TOY + "StreamUnary"
         call = channel.stream_unary(method)
-        status = await status_of(call(iter([GOOD, GOOD, TRUNCATED, GOOD]), timeout=10))
+        status = await status_of(call(iter([GOOD, GOOD, TRUNCATED]), timeout=10))
         expect_invalid(status, method, "corrupt")
         assert "message 2 of the request stream" in status[1]
         assert toy.seen == ["x", "x"] and toy.cleaned_up == 1       # its finally block ran
@@ -180,12 +182,37 @@ def test_stream_stream_answers_the_good_messages_then_invalid_argument(name: str
     async def test(channel: grpc.aio.Channel, toy: Toy, rejected: list[str]) -> None:
         method = TOY + name
         call = channel.stream_stream(method)
-        code, details, responses = await status_of(call(iter([GOOD, UNKNOWN_FIELDS, BAD_UTF8, GOOD]),
-                                                        timeout=10))
+        code, details, responses = await status_of(call(iter([GOOD, UNKNOWN_FIELDS, BAD_UTF8]), timeout=10))
         expect_invalid((code, details, responses), method, "UTF-8")
         assert responses == 2 and "message 2 of the request stream" in details
         assert rejected == [method]
         assert await status_of(call(iter([GOOD] * 3), timeout=10)) == (grpc.StatusCode.OK, "", 3)
+
+    asyncio.run(serve(test))
+
+
+def test_the_status_stands_while_the_client_goes_on_writing() -> None:
+    # The blocking client: grpc.aio's replaces the status with INTERNAL when one of its writes races
+    # the end of the call (grpc/grpc#36066), which is why the other tests end their streams at the
+    # bad message.
+    method = TOY + "StreamStream"
+
+    async def test(channel: grpc.aio.Channel, toy: Toy, rejected: list[str]) -> None:
+        def send() -> tuple[grpc.StatusCode, str, int]:
+            with grpc.insecure_channel(toy.address) as blocking:
+                responses = 0
+                try:
+                    requests = iter([GOOD, TRUNCATED] + [GOOD] * 50)
+                    for _ in blocking.stream_stream(method)(requests, timeout=10):
+                        responses += 1
+                except grpc.RpcError as err:
+                    return err.code(), err.details(), responses
+                return grpc.StatusCode.OK, "", responses
+
+        for _ in range(20):
+            status = await asyncio.get_running_loop().run_in_executor(None, send)
+            expect_invalid(status, method, "corrupt")
+            assert status[2] == 1
 
     asyncio.run(serve(test))
 
