@@ -66,6 +66,9 @@ def test_parallel_sampling_best_of_and_beam_search(stack):
         assert len(beams.outputs) == 2 and all(o.token_ids for o in beams.outputs)
         assert beams.outputs[0].text == client.generate("def parse(", n=2, beam_width=3,
                                                         max_tokens=10).outputs[0].text
+        for mode in (True, "never"):
+            ended = client.generate("def parse(", n=2, beam_width=3, max_tokens=10, early_stopping=mode)
+            assert len(ended.outputs) == 2 and all(o.finish_reason for o in ended.outputs)
 
 
 def test_stop_strings_are_trimmed_or_included(stack, tokenizer):
@@ -122,6 +125,7 @@ BAD_REQUESTS = [
     ([1, 2, 999999], {}, "prompt.token_ids"),
     ([], {}, "prompt.token_ids"),
     ("hi", {"max_tokens": 2000}, "max_tokens"),
+    ("hi", {"early_stopping": True}, "early_stopping"),      # without beam search
 ]
 
 
