@@ -349,7 +349,7 @@ def test_services_have_the_designed_rpcs() -> None:
             head_size=128,
         ),
         executor_pb2.InitCacheRequest(block_size=16, gpu_memory_utilization=0.875, swap_space_bytes=4 << 30,
-                                       max_num_batched_tokens=8448),
+                                       max_num_batched_tokens=8448, step_timeout_seconds=120.0),
         executor_pb2.InitCacheResponse(
             num_gpu_blocks=7000, num_cpu_blocks=512, block_bytes=8 << 20, profile_seconds=1.5
         ),
