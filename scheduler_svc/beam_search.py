@@ -4,7 +4,9 @@ Pure decisions over the beams' top candidates; the scheduler carries them out (f
 Follows HF transformers' beam search: rank all 2 x width candidates by cumulative logprob; an EOS or
 stop-token candidate among the top `width` becomes a finished hypothesis; the first `width` other
 candidates become the next beams. At the length limit every candidate ends, and the top `width` become
-hypotheses. The `width` best hypotheses by score are kept and the best `n` returned.
+hypotheses. The `width` best hypotheses by score are kept and the best `n` returned. Before min_tokens
+tokens, EOS and stop-token candidates are dropped, as HF's min_new_tokens sets their logprobs to -inf
+(the executor's candidates are logprobs of the raw logits, so they include them).
 
 Scoring: a finished hypothesis scores cumulative_logprob / length ** length_penalty, where `length`
 counts its generated tokens without the EOS or stop token that ended it (a hypothesis cut off by the
@@ -112,10 +114,8 @@ def _ranked_candidates(beams: list[tuple[Sequence, Sample]], width: int) -> list
 
 
 def _ending(group: SequenceGroup, c: _Candidate) -> FinishReason | None:
-    """Whether the candidate's token ends its beam (EOS or a stop token id, once min_tokens allow)."""
+    """Whether the candidate's token would end its beam: EOS (unless ignore_eos) or a stop token id."""
     p = group.params
-    if c.seq.output_len < p.min_tokens:
-        return None
     if not p.ignore_eos and c.token_id in group.eos_token_ids:
         return FinishReason.EOS
     if c.token_id in p.stop_token_ids:
@@ -142,6 +142,8 @@ def select_beams(group: SequenceGroup, beams: list[tuple[Sequence, Sample]], max
     max_length = min(p.max_tokens, max_model_len - group.prompt_len)
     at_limit = length >= max_length
     candidates = _ranked_candidates(beams, width)
+    if length <= p.min_tokens:          # too early to end: drop the endings, as HF does
+        candidates = [c for c in candidates if _ending(group, c) is None]
     if at_limit:
         candidates = candidates[:width]     # every candidate ends here; only the top `width` are kept
     step = BeamStep()

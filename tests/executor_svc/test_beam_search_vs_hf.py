@@ -66,14 +66,14 @@ def models(tmp_path_factory):
 
 
 def paged_beams(backend, prompt: list[int], eos: tuple[int, ...], width: int, length_penalty: float,
-                early_stopping: object) -> list[Beam]:
+                early_stopping: object, min_tokens: int = 0) -> list[Beam]:
     """All `width` hypotheses of PagedServe's beam search, best first, with their scores."""
     backend.reset_sequences()
     config = SchedulerConfig(block_size=BLOCK_SIZE, max_num_seqs=8, max_num_batched_tokens=128, watermark=0.0)
     scheduler = Scheduler(config, 256, 0, 128, eos_token_ids=list(eos), vocab_size=VOCAB, seed=0)
     scheduler.add_request("beam", prompt, SamplingParams(
         n=width, beam_width=width, temperature=0.0, max_tokens=MAX_NEW, length_penalty=length_penalty,
-        early_stopping=early_stopping))
+        early_stopping=early_stopping, min_tokens=min_tokens))
     final = None
     while scheduler.has_unfinished:
         plan = scheduler.schedule()
@@ -91,12 +91,12 @@ def _score(cumulative_logprob: float, length: int, length_penalty: float) -> flo
 
 
 def hf_beams(model, prompt: list[int], eos: tuple[int, ...], width: int, length_penalty: float,
-             early_stopping: object) -> list[Beam]:
+             early_stopping: object, min_tokens: int = 0) -> list[Beam]:
     """All `width` hypotheses of HF's beam search, best first, with HF's scores."""
     config = transformers.GenerationConfig(
         num_beams=width, num_return_sequences=width, early_stopping=early_stopping,
-        length_penalty=length_penalty, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(eos),
-        pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+        length_penalty=length_penalty, max_new_tokens=MAX_NEW, min_new_tokens=min_tokens, do_sample=False,
+        eos_token_id=list(eos), pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), generation_config=config)
     beams = []
@@ -153,6 +153,17 @@ def test_without_a_length_penalty_every_mode_equals_hf(models):
             results[(tuple(prompt), eos, width, mode)] = ours
     # Without a length penalty scores only fall as beams grow, so False is already exact.
     assert all(results[(tuple(p), e, w, False)] == results[(tuple(p), e, w, "never")] for p, e, w in CASES)
+
+
+def test_min_tokens_equals_hf_min_new_tokens(models):
+    # Both EOS ids lead after this prompt: min_tokens keeps them out of the first two steps.
+    model, backend = models
+    prompt, eos, width = CASES[0]
+    for mode in MODES:
+        ours = paged_beams(backend, prompt, eos, width, 0.0, mode, min_tokens=2)
+        assert_same_beams(ours, hf_beams(model, prompt, eos, width, 0.0, mode, min_tokens=2), str(mode))
+        assert all(len(tokens) > 2 for tokens, _ in ours)
+        assert ours != paged_beams(backend, prompt, eos, width, 0.0, mode)
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 2.0])

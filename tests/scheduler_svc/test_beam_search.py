@@ -125,6 +125,17 @@ def test_without_a_length_penalty_never_stops_where_false_does():
         assert outputs == [[A, EOS]] and steps == 2, mode
 
 
+# EOS is the most likely token at every step; min_tokens 2 keeps it out until the third token.
+EOS_FIRST = {(): [(EOS, -0.1), (A, -0.5)], (A,): [(EOS, -0.1), (B, -0.2)], (A, B): [(EOS, -0.1), (C, -0.3)]}
+
+
+def test_before_min_tokens_an_eos_candidate_is_dropped_not_continued():
+    outputs, reasons, _ = run_scripted(EOS_FIRST, beam_width=1, max_tokens=3, min_tokens=2)
+    assert outputs == [[A, B, EOS]] and reasons == ["eos"]
+    outputs, reasons, _ = run_scripted(EOS_FIRST, beam_width=1, max_tokens=3, min_tokens=2, ignore_eos=True)
+    assert outputs[0][0] == EOS and reasons == ["length"]       # with ignore_eos it is a token like any
+
+
 def test_at_the_length_limit_only_the_top_width_candidates_become_hypotheses():
     outputs, reasons, _ = run_scripted(AT_LIMIT, beam_width=2, n=2, max_tokens=2, length_penalty=1.0)
     assert outputs == [[A, X], [A, EOS]]            # (A, X) scores -1.2 / 2; (A, EOS) -1.1 / 1
