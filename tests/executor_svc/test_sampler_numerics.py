@@ -280,6 +280,7 @@ def logits_for(kinds: list[str], vocab: int, seed: int) -> torch.Tensor:
     return logits
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_every_accepted_parameter_set_samples_safely_beside_greedy_rows(batch) -> None:
