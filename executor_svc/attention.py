@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from executor_svc import flash_prefill, ops
+from executor_svc.transfer import to_device
 
 # Sequences whose new chunk has at least this many tokens attend through the paged gather +
 # FlashAttention-2 path (executor_svc/flash_prefill.py); shorter chunks and decode use our kernel. A step
@@ -83,13 +84,13 @@ class AttentionMetadata:
         seq_lens = [self.seq_lens_list[i] for i in seqs]
         token_rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in seqs]) if seqs else \
             np.zeros(0, np.int64)
-        token_index = torch.from_numpy(token_rows).to(device)                              # [T_sub]
-        seq_index = torch.tensor(list(seqs), dtype=torch.int64, device=device)            # [S_sub]
+        token_index = to_device(token_rows, torch.int64, device)                           # [T_sub]
+        seq_index = to_device(list(seqs), torch.int64, device)                             # [S_sub]
         sub_starts = np.zeros(len(seqs) + 1, np.int64)
         np.cumsum(query_lens, out=sub_starts[1:])
         meta = AttentionMetadata(slot_mapping=self.slot_mapping.index_select(0, token_index),
                                  positions=self.positions.index_select(0, token_index),
-                                 query_start_loc=torch.from_numpy(sub_starts).to(device),
+                                 query_start_loc=to_device(sub_starts, torch.int64, device),
                                  seq_lens=self.seq_lens.index_select(0, seq_index),
                                  block_tables=self.block_tables.index_select(0, seq_index),
                                  block_size=self.block_size, max_query_len=max(query_lens, default=0),
@@ -113,9 +114,9 @@ class AttentionMetadata:
             starts.append(starts[-1] + n)
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)     # queued, not waited for: a forward may be running
 
-        tables = torch.from_numpy(_padded_tables(block_tables)).to(device)
+        tables = to_device(_padded_tables(block_tables), torch.int32, device)
         return cls(slot_mapping=tensor(slots, torch.int64), positions=tensor(positions, torch.int64),
                    query_start_loc=tensor(starts, torch.int64), seq_lens=tensor(seq_lens, torch.int64),
                    block_tables=tables,
@@ -221,6 +222,8 @@ class ForwardContext:
     # context owns (its own and its split's, keyed by id: they live as long as the context), and the
     # split of a step that mixes long chunks with decodes.
     _kernel_args: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # Likewise the cache rows the FA2 path gathers, per metadata: a layer only adds its offset.
+    _gather_rows: dict[int, flash_prefill.GatherRows] = field(default_factory=dict)
     _split: tuple[SequenceSubset, SequenceSubset] | None = None
     _split_decided: bool = False
 
@@ -251,11 +254,11 @@ class ForwardContext:
             return self._paged_kernel(layer, query, scale, meta)
         split = self._split_step()
         if split is None:                   # every sequence has a long chunk
-            return flash_prefill.paged_flash_attention(query, self.kv_cache, layer, meta, scale)
+            return self._flash(layer, query, scale, meta)
         long, short = split
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)             # [T, H, D]
-        out.index_copy_(0, long.token_index, flash_prefill.paged_flash_attention(
-            query.index_select(0, long.token_index), self.kv_cache, layer, long.meta, scale))
+        out.index_copy_(0, long.token_index, self._flash(
+            layer, query.index_select(0, long.token_index), scale, long.meta))
         out.index_copy_(0, short.token_index, self._paged_kernel(
             layer, query.index_select(0, short.token_index), scale, short.meta))
         return out
@@ -270,6 +273,15 @@ class ForwardContext:
                 self._split = (SequenceSubset(*self.meta.select(long)),
                                SequenceSubset(*self.meta.select(short)))
         return self._split
+
+    def _flash(self, layer: int, query: torch.Tensor, scale: float, meta: AttentionMetadata) -> torch.Tensor:
+        """Gather + FA2 over `meta`'s sequences, their cache rows worked out by the first layer that asks.
+        query: [T, H, D]; returns [T, H, D]."""
+        rows = self._gather_rows.get(id(meta))
+        if rows is None:
+            rows = self._gather_rows[id(meta)] = flash_prefill.gather_rows(
+                self.kv_cache, meta.block_tables, meta.seq_lens_list, meta.seq_lens)
+        return flash_prefill.paged_flash_attention(query, self.kv_cache, layer, meta, scale, rows)
 
     def _paged_kernel(self, layer: int, query: torch.Tensor, scale: float,
                       meta: AttentionMetadata) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,23 +89,51 @@ def _context_slots(block_tables: torch.Tensor, seq_lens: torch.Tensor, starts: t
     return blocks, positions % block_size
 
 
+@dataclass(frozen=True, slots=True)
+class GatherRows:
+    """Where a step's context K/V sit in the cache, for every layer: computed once per forward pass.
+
+    rows of layer l are `layer0_rows + l * layer_rows`, in the cache viewed as [rows, D].
+    """
+
+    layer0_rows: torch.Tensor   # [2 * total * Hkv] int64: K then V rows of every context token, layer 0
+    layer_rows: int             # rows between one layer's vectors and the next's
+    total: int                  # context tokens of all sequences
+    cu_seq_k: torch.Tensor      # [S + 1] int32
+
+
 def gather_paged_kv(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
-                    seq_lens_list: Sequence[int],
-                    seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    seq_lens_list: Sequence[int], seq_lens: torch.Tensor | None = None,
+                    rows: GatherRows | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack every sequence's cached keys and values of `layer` into contiguous K and V.
 
     kv_cache:      [num_blocks, num_layers, 2, Hkv, block_size, D], contiguous
     block_tables:  [S, max_blocks] int32, rows padded past each sequence's blocks
     seq_lens_list: the S context lengths on the host (sizes the output without a device sync)
     seq_lens:      [S] int64, the same lengths already on the cache's device (optional, saves a copy)
+    rows:          `gather_rows` of these arguments (optional: a forward pass computes it once, not per
+                   layer, which saves a dozen kernel launches a layer)
     returns key, value: [sum(seq_lens), Hkv, D] contiguous, sequence i's tokens in order at
             cu_seq_k[i]:cu_seq_k[i + 1]; cu_seq_k: [S + 1] int32
     """
     if not kv_cache.is_contiguous():
         raise ValueError("gather_paged_kv needs a contiguous kv_cache")
-    _, num_layers, _, num_kv_heads, block_size, head_size = kv_cache.shape
+    _, num_layers, _, num_kv_heads, _, head_size = kv_cache.shape
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} out of range for a cache of {num_layers} layers")
+    if rows is None:
+        rows = gather_rows(kv_cache, block_tables, seq_lens_list, seq_lens)
+    # One index_select copies whole D-wide rows for K and V of all sequences at once; its output is a
+    # fresh contiguous [2 * total * Hkv, D], so K and V are contiguous halves of it.
+    packed = kv_cache.view(-1, head_size).index_select(0, rows.layer0_rows + layer * rows.layer_rows)
+    packed = packed.view(2, rows.total, num_kv_heads, head_size)             # [2, total, Hkv, D]
+    return packed[0], packed[1], rows.cu_seq_k
+
+
+def gather_rows(kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens_list: Sequence[int],
+                seq_lens: torch.Tensor | None = None) -> GatherRows:
+    """The cache rows `gather_paged_kv` copies, for every layer (arguments as there)."""
+    _, _, _, num_kv_heads, block_size, head_size = kv_cache.shape
     device = kv_cache.device
     if seq_lens is None:
         seq_lens = torch.tensor(seq_lens_list, dtype=torch.int64, device=device)             # [S]
@@ -116,29 +145,26 @@ def gather_paged_kv(kv_cache: torch.Tensor, layer: int, block_tables: torch.Tens
     # Row r of the cache viewed as [rows, D] is one (block, layer, K|V, kv head, offset) vector; with
     # the cache contiguous, its row stride per dimension is the element stride divided by D.
     block_rows, layer_rows, kv_rows, head_rows, offset_rows = (s // head_size for s in kv_cache.stride()[:5])
-    token_rows = blocks * block_rows + layer * layer_rows + in_block * offset_rows            # [total]
+    token_rows = blocks * block_rows + in_block * offset_rows                                 # [total]
     heads = torch.arange(num_kv_heads, device=device) * head_rows                             # [Hkv]
     kv = torch.arange(2, device=device) * kv_rows                                            # [2]
     rows = kv[:, None, None] + token_rows[None, :, None] + heads[None, None, :]              # [2, total, Hkv]
-    # One index_select copies whole D-wide rows for K and V of all sequences at once; its output is a
-    # fresh contiguous [2 * total * Hkv, D], so K and V are contiguous halves of it.
-    packed = kv_cache.view(-1, head_size).index_select(0, rows.flatten())
-    packed = packed.view(2, total, num_kv_heads, head_size)                 # [2, total, Hkv, D]
-    return packed[0], packed[1], offsets.to(torch.int32)
+    return GatherRows(rows.flatten(), layer_rows, total, offsets.to(torch.int32))
 
 
 def paged_flash_attention(query: torch.Tensor, kv_cache: torch.Tensor, layer: int, meta: AttentionMetadata,
-                          scale: float) -> torch.Tensor:
+                          scale: float, rows: GatherRows | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged context, by FA2 varlen.
 
     query:    [T, num_heads, head_size] fp16/bf16, all new tokens of all sequences (flat, as in `meta`)
     kv_cache: [num_blocks, num_layers, 2, num_kv_heads, block_size, head_size], already holding this
               step's K/V of `layer`
     returns   [T, num_heads, head_size] in the query's dtype
+    rows:     `gather_rows` of `meta` over this cache, shared by the layers of a forward pass (optional)
     Call only where `flash_supported(query, kv_cache)` holds.
     """
     key, value, cu_seq_k = gather_paged_kv(kv_cache, layer, meta.block_tables, meta.seq_lens_list,
-                                           meta.seq_lens)                                  # [L, Hkv, D]
+                                           meta.seq_lens, rows)                            # [L, Hkv, D]
     cu_seq_q = meta.query_start_loc.to(torch.int32)                                         # [S + 1]
     if query.stride(-1) != 1:
         query = query.contiguous()       # FA2 takes strided rows and heads but needs unit-stride D

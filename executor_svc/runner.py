@@ -26,6 +26,7 @@ from executor_svc.kv_cache import KVCache
 from executor_svc.models.base import CausalLM
 from executor_svc.roofline import DecodeRoofline
 from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow
+from executor_svc.transfer import to_device
 from scheduler_svc.plan import Sample, SequenceResult, SequenceWork, StepPlan, StepResult
 from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
 
@@ -60,7 +61,7 @@ def prepare_batch(seqs: SequenceRegistry, works: list[SequenceWork], block_size:
         tables.append(state.block_table)
         last_token.append(len(input_ids) - 1)
     meta = AttentionMetadata.build(starts, lengths, tables, block_size, device)
-    return StepBatch(torch.tensor(input_ids, dtype=torch.int64, device=device), meta, last_token)
+    return StepBatch(to_device(input_ids, torch.int64, device), meta, last_token)
 
 
 class ModelRunner:
@@ -141,9 +142,20 @@ class ModelRunner:
             token_rows.extend([last] * len(seq_rows))
             rows.extend(seq_rows)
         if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(token_rows, device=self.device)])  # [N, V]
+            logits = self.model.compute_logits(self._sampled_hidden(hidden, token_rows))   # [N, V]
             outcomes.update(self._sample(logits, rows, spans))
         return tuple(self._result(work.seq_id, outcomes[work.seq_id]) for work in works if work.num_samples)
+
+    def _sampled_hidden(self, hidden: torch.Tensor, token_rows: list[int]) -> torch.Tensor:
+        """The hidden states [N, hidden] of the rows to sample, from the step's hidden [T, hidden].
+
+        Queued behind the forward pass, never waited for: the host goes on to launch the logits and
+        the sampler while the GPU still runs the model. A decode step that samples every token once
+        needs no gather at all.
+        """
+        if len(token_rows) == hidden.shape[0] and token_rows == list(range(len(token_rows))):
+            return hidden
+        return hidden[to_device(token_rows, torch.int64, self.device)]
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
                 spans: list[tuple[int, int, int]]) -> dict[int, _Outcome]:

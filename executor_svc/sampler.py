@@ -43,6 +43,14 @@ sorting the whole row; a row whose filters kept few tokens hashes only those ids
 goes through blocks of rows sized to stay in cache (several times faster than whole-batch elementwise
 passes on a [256, 32000] batch); rows never interact, so blocking changes nothing either.
 
+On a GPU the sampler never reads a value back before its result (`_without_host_checks`): a read-back
+makes the host wait for the forward pass queued ahead of the logits, and the host is then idle while
+the GPU is, instead of launching the sampler behind the model. Rows are sanitised and rescaled
+unconditionally (an ordinary row comes out bit for bit unchanged), rows without filters race over the
+whole vocabulary with the kept-ids race's choice made per row on the device, parameters go up through
+pinned memory without waiting, and tokens and logprobs come back in one copy. Rows with top-k or top-p
+still read their cut back (`_rank_thresholds`).
+
 Numerical safety. Every parameter a SamplingRow accepts and every logits row give a valid token and
 logprobs that are never NaN; a row whose numbers are ordinary is computed exactly as described above,
 and the checks below cost a reduction per block, not a pass that changes values.
@@ -74,6 +82,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from executor_svc.transfer import to_device, to_host
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -191,6 +201,9 @@ class Sampler:
         block = _rows_per_block(raw)
         blocks = [raw[i:i + block] for i in range(0, len(rows), block)]
         parts = [_process_block(part, rows[i * block:(i + 1) * block]) for i, part in enumerate(blocks)]
+        if len(parts) == 1:
+            raw, tokens, normaliser = parts[0]
+            return _with_logprobs(raw, normaliser, tokens, rows)
         if any(read is not part for (read, _, _), part in zip(parts, blocks, strict=True)):
             raw = torch.cat([read for read, _, _ in parts])              # some rows were sanitised
         tokens = torch.cat([t for _, t, _ in parts])                     # [N]
@@ -222,8 +235,8 @@ def uniform_noise(keys: Sequence[int] | np.ndarray, token_ids: torch.Tensor) -> 
     """
     device = token_ids.device
     keys = np.asarray(keys, dtype=np.uint64)
-    key_lo = torch.from_numpy((keys & _MASK32_U64).astype(np.int64)).to(device)[:, None]   # [R, 1]
-    key_hi = torch.from_numpy((keys >> np.uint64(32)).astype(np.int64)).to(device)[:, None]  # [R, 1]
+    key_lo = to_device((keys & _MASK32_U64).astype(np.int64), torch.int64, device)[:, None]       # [R, 1]
+    key_hi = to_device((keys >> np.uint64(32)).astype(np.int64), torch.int64, device)[:, None]    # [R, 1]
     h = _fmix32_(token_ids ^ key_lo)                                                                # [R, K]
     h ^= key_hi
     h = _fmix32_(h)
@@ -252,7 +265,11 @@ def filtered_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     temperature = _column(rows, "temperature", logits)                  # [N, 1]
     scaled = logits / temperature                                       # [N, V]
     peak = scaled.amax(dim=-1)                                          # [N]
-    if not bool(torch.isfinite(peak).all()):                            # overflowed, or all -inf
+    if _without_host_checks(logits):
+        # Rescaling unconditionally replaces only the rows the check would have caught, and asking the
+        # GPU whether any row needs it would make the host wait out the forward pass.
+        scaled = _rescaled(logits, temperature, scaled, torch.isfinite(peak))
+    elif not bool(torch.isfinite(peak).all()):                          # overflowed, or all -inf
         scaled = _rescaled(logits, temperature, scaled, torch.isfinite(peak))
     probs = torch.softmax(scaled, dim=-1)                               # [N, V]
     threshold = _thresholds(probs, rows)                                # [N] or None
@@ -265,6 +282,11 @@ def _process_block(raw: torch.Tensor,
                    rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block of rows, raw: [B, V] float32: the logits as read [B, V] (raw itself unless a row needed
     sanitising), the tokens [B], and the logsumexp of the logits as read [B, 1]."""
+    if _without_host_checks(raw):
+        # Sanitising leaves an ordinary row bit for bit as it is, so doing it always gives the same
+        # result as checking first, without the host waiting for the logits to ask.
+        raw = _sanitised(raw)
+        return raw, _draw(raw, rows), raw.logsumexp(dim=-1, keepdim=True)
     normaliser = raw.logsumexp(dim=-1, keepdim=True)                    # [B, 1]
     # The logsumexp is finite exactly when a row has no NaN, no +inf and some finite logit: checking it
     # costs no pass over the logits on the usual path.
@@ -315,9 +337,34 @@ def _race(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     A row whose filters kept few tokens races among those alone, hashing a handful of ids instead of the
     vocabulary. The winner is the same: each id's noise depends on the id, not on where it sits.
     """
+    if _without_host_checks(probs) and not any(r.ranks_tokens or r.min_p > 0 for r in rows):
+        return _race_unfiltered(probs, rows)
     kept = (probs > 0).sum(dim=-1).tolist()                             # [S] on the host
     return _by_group([k * _NARROW_FACTOR <= probs.shape[1] for k in kept], probs, rows,
                      _race_among_kept, _race_over_vocabulary)
+
+
+def _race_unfiltered(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The race of rows without filters, probs [S, V] -> tokens [S], decided on the device.
+
+    No filter means most rows keep most of the vocabulary, so every row races over all V ids, and the
+    host never waits to learn how many ids each row kept. The winner is the one `_race` picks: a
+    positive best score belongs to a kept id, the lowest of those tied, as in the race among the kept
+    ids. Only when every kept id of a row drew E = inf (score 0; each id's chance is below 2**-25) do
+    the races differ: the race among the kept ids takes its first candidate, the race over the
+    vocabulary id 0. A row `_race` would have raced among its kept ids takes its lowest kept id here,
+    any other row id 0.
+    """
+    ids = torch.arange(probs.shape[1], dtype=torch.int64, device=probs.device)[None, :]  # [1, V]
+    exponential = uniform_noise(draw_keys(rows), ids).neg_().log1p_().neg_()          # [S, V]
+    scores = probs / exponential                                                       # [S, V]
+    winner = scores.argmax(dim=-1)                                                     # [S] first max
+    best = scores.gather(1, winner[:, None]).squeeze(1)                                # [S]
+    kept = probs > 0                                                                   # [S, V]
+    narrow = kept.sum(dim=-1) * _NARROW_FACTOR <= probs.shape[1]                       # [S]
+    lowest_kept = kept.int().argmax(dim=-1)                                            # [S] first True
+    fallback = torch.where(narrow, lowest_kept, torch.zeros_like(lowest_kept))         # [S]
+    return torch.where(best > 0, winner, fallback)
 
 
 def _race_over_vocabulary(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -397,7 +444,8 @@ def _token_counts(token_lists: Sequence[Sequence[int]], like: torch.Tensor) -> t
     row_of = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)         # [sum]
     counts = torch.zeros(len(token_lists), vocab_size, dtype=torch.float32, device=like.device)
     ones = torch.ones(ids.numel(), dtype=torch.float32, device=like.device)
-    return counts.index_put_((row_of.to(like.device), ids.to(like.device)), ones, accumulate=True)
+    index = (to_device(row_of, torch.int64, like.device), to_device(ids, torch.int64, like.device))
+    return counts.index_put_(index, ones, accumulate=True)
 
 
 def _flat_ids(token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -421,8 +469,8 @@ def _suppress(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor
     row_of = [i for i, r in enumerate(rows) for _ in r.suppressed_token_ids]
     ids = torch.tensor([t for r in rows for t in r.suppressed_token_ids], dtype=torch.int64)
     _check_ids(ids, logits.shape[1], "suppressed_token_ids")
-    minus_inf = torch.tensor(float("-inf"), device=logits.device)
-    return logits.index_put((_index(row_of, logits), ids.to(logits.device)), minus_inf)
+    minus_inf = to_device(float("-inf"), torch.float32, logits.device)
+    return logits.index_put((_index(row_of, logits), to_device(ids, torch.int64, logits.device)), minus_inf)
 
 
 def _thresholds(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
@@ -442,9 +490,9 @@ def _thresholds(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tenso
 def _rank_thresholds(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Top-k and top-p thresholds of probs [Q, V]: the last kept probability value per row, [Q]."""
     vocab_size = probs.shape[1]
-    k = torch.tensor([min(r.top_k, vocab_size) if r.top_k > 0 else vocab_size for r in rows],
-                     dtype=torch.int64, device=probs.device)                      # [Q]
-    has_top_k = torch.tensor([r.top_k > 0 for r in rows], device=probs.device)    # [Q]
+    k = to_device([min(r.top_k, vocab_size) if r.top_k > 0 else vocab_size for r in rows],
+                  torch.int64, probs.device)                                      # [Q]
+    has_top_k = to_device([r.top_k > 0 for r in rows], torch.bool, probs.device)  # [Q]
     top_p = _column(rows, "top_p", probs).squeeze(1)                               # [Q]
     probe = _TOP_P_PROBE if any(r.top_p < 1 for r in rows) else 1
     width = min(vocab_size, max(probe, *(r.top_k for r in rows)))
@@ -488,16 +536,18 @@ def _with_logprobs(raw: torch.Tensor, normaliser: torch.Tensor, tokens: torch.Te
 
     raw: [N, V] float32, normaliser: [N, 1] its logsumexp, tokens: [N] int64.
     """
-    chosen = raw.gather(1, tokens[:, None]) - normaliser                            # [N, 1]
+    chosen = (raw.gather(1, tokens[:, None]) - normaliser).squeeze(1)               # [N]
     num_top = max((r.num_logprobs for r in rows), default=0)
     top: list[tuple[tuple[int, float], ...]] = [() for _ in rows]
-    if num_top > 0:
-        top_values, top_ids = raw.topk(num_top, dim=-1)                             # [N, K], [N, K]
-        values_list = (top_values - normaliser).tolist()
-        ids_list = top_ids.tolist()
-        top = [tuple(zip(ids_list[i][:r.num_logprobs], values_list[i][:r.num_logprobs], strict=True))
-               for i, r in enumerate(rows)]
-    return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.squeeze(1).tolist(), top_logprobs=top)
+    if num_top == 0:
+        tokens, chosen = to_host(tokens, chosen)    # the step's one wait for the GPU
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
+    top_values, top_ids = raw.topk(num_top, dim=-1)                                 # [N, K], [N, K]
+    tokens, chosen, top_values, top_ids = to_host(tokens, chosen, top_values - normaliser, top_ids)
+    values_list, ids_list = top_values.tolist(), top_ids.tolist()
+    top = [tuple(zip(ids_list[i][:r.num_logprobs], values_list[i][:r.num_logprobs], strict=True))
+           for i, r in enumerate(rows)]
+    return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
 
 
 def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -519,6 +569,13 @@ def _check_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
                          f"to {int(ids.max())}")
 
 
+def _without_host_checks(t: torch.Tensor) -> bool:
+    """Whether the sampler takes the paths that never ask the device about values (tensor t's device is
+    a GPU). They give the same tokens as the paths that check first; on a GPU a check makes the host wait
+    for the forward pass. On the CPU checking first is cheaper: the checks skip whole passes."""
+    return t.device.type != "cpu"
+
+
 def _rows_per_block(raw: torch.Tensor) -> int:
     """How many rows one pass handles: cache-sized on the CPU, memory-bounded on a GPU."""
     elements = _CPU_BLOCK_ELEMENTS if raw.device.type == "cpu" else _GPU_BLOCK_ELEMENTS
@@ -530,12 +587,12 @@ def _column(rows: Sequence[SamplingRow], field: str, like: torch.Tensor) -> torc
     into the field's range in _COLUMN_RANGES (values inside it are unchanged)."""
     low, high = _COLUMN_RANGES[field]
     values = [min(max(getattr(r, field), low), high) for r in rows]
-    return torch.tensor(values, dtype=torch.float32, device=like.device)[:, None]
+    return to_device(values, torch.float32, like.device)[:, None]
 
 
 def _index(positions: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """Row positions as an int64 index tensor on like's device."""
-    return torch.tensor(positions, dtype=torch.int64, device=like.device)
+    return to_device(positions, torch.int64, like.device)
 
 
 def _splitmix64(x: int) -> int:
