@@ -47,9 +47,11 @@ from clients.tables import markdown_table
 
 # Kind -> weight in the mix.
 KINDS = {"stream": 40, "parallel": 12, "beam": 8, "cancel": 12, "abort": 8, "bad_field": 10, "bad_bytes": 10}
-# Kind -> the ending it must have.
-EXPECTED = {"stream": "finished", "parallel": "finished", "beam": "finished", "cancel": "cancelled",
-            "abort": "aborted", "bad_field": "INVALID_ARGUMENT", "bad_bytes": "INVALID_ARGUMENT"}
+# Kind -> the endings it may have. An Abort that finds no live request (found=false) came after the
+# request had already finished; it must then have finished normally.
+EXPECTED = {"stream": {"finished"}, "parallel": {"finished"}, "beam": {"finished"},
+            "cancel": {"cancelled"}, "abort": {"aborted", "finished_before_abort"},
+            "bad_field": {"INVALID_ARGUMENT"}, "bad_bytes": {"INVALID_ARGUMENT"}}
 GENERATE = "/pagedserve.v1.GenerationService/Generate"
 VOCAB = 512
 STACK_FLAGS = ("--backend", "simulated", "--simulated-vocab-size", str(VOCAB), "--port", "0",
@@ -63,11 +65,12 @@ class Outcome:
     kind: str
     ending: str
     message: str = ""
+    seconds: float = 0.0        # from sending to the ending
 
     @property
     def expected(self) -> bool:
         """Whether it ended as its kind must."""
-        return self.ending == EXPECTED[self.kind]
+        return self.ending in EXPECTED[self.kind]
 
 
 class SoakClient:
@@ -85,13 +88,15 @@ class SoakClient:
         await self.raw.close()
 
     async def send(self, kind: str, index: int) -> Outcome:
-        """One request of `kind`; any error it ends with becomes its outcome."""
+        """One request of `kind`, timed; any error it ends with becomes its outcome."""
+        start = time.monotonic()
         try:
-            return await getattr(self, f"_{kind}")(kind, f"soak-{index}")
+            outcome = await getattr(self, f"_{kind}")(kind, f"soak-{index}")
         except PagedServeError as err:
-            return Outcome(kind, err.code.name, err.message)
+            outcome = Outcome(kind, err.code.name, err.message)
         except grpc.RpcError as err:
-            return Outcome(kind, err.code().name, err.details() or "")  # type: ignore[attr-defined]
+            outcome = Outcome(kind, err.code().name, err.details() or "")  # type: ignore[attr-defined]
+        return dataclasses.replace(outcome, seconds=time.monotonic() - start)
 
     def _prompt(self) -> list[int]:
         return [self.rng.randrange(3, VOCAB) for _ in range(self.rng.randint(4, 48))]
@@ -125,15 +130,19 @@ class SoakClient:
         return Outcome(kind, "finished", "ended before the client cancelled it")
 
     async def _abort(self, kind: str, request_id: str) -> Outcome:
-        reasons = []
-        async with self.client.stream(self._prompt(), request_id=request_id, max_tokens=300,
+        reasons: list[str] = []
+        found: bool | None = None
+        async with self.client.stream(self._prompt(), request_id=request_id, max_tokens=2000,
                                       ignore_eos=True) as events:
             async for event in events:
-                if not reasons:
-                    reasons.append("sent")
-                    await self.client.abort(request_id)
+                if found is None:
+                    found = await self.client.abort(request_id)
                 reasons.extend(c.finish_reason for c in event.choices if c.finish_reason)
-        return Outcome(kind, "aborted" if "aborted" in reasons else "finished", ",".join(map(str, reasons)))
+        message = f"abort found={found}; finish reasons {','.join(reasons)}"
+        if "aborted" in reasons:
+            return Outcome(kind, "aborted", message)
+        # Finished on its own: right only if the Abort came too late to find it live.
+        return Outcome(kind, "finished_before_abort" if found is False else "finished", message)
 
     async def _bad_field(self, kind: str, request_id: str) -> Outcome:
         bad = self.rng.choice([{"temperature": -1.0}, {"top_p": 0.0}, {"max_tokens": 10**7},
@@ -150,6 +159,12 @@ class SoakClient:
         return Outcome(kind, "finished", "undecodable bytes were accepted")
 
 
+def _python_path() -> str:
+    """This checkout first on the services' path, so that they run the code the soak was started from."""
+    here = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+
+
 class Soak:
     """The stack, the load and the executor kills of one soak run."""
 
@@ -159,7 +174,7 @@ class Soak:
         self.scheduler, executors = build_configs(parsed)
         self.stack = LocalStack(stack_specs(self.scheduler, executors),
                                 liveness_timeout=self.scheduler.executor_health_timeout_seconds,
-                                base_environment=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+                                base_environment=dict(os.environ, PYTHONPATH=_python_path()))
         self.kills = 0
 
     def metric(self, sample: str) -> float:
@@ -242,15 +257,26 @@ def report(args: argparse.Namespace, outcomes: list[Outcome], elapsed: float, ki
     by_kind = collections.Counter((o.kind, o.ending) for o in outcomes)
     errors = collections.Counter(o.ending for o in outcomes if o.ending.isupper())
     lost = [dataclasses.asdict(o) for o in outcomes if not o.expected]
+    finished = sorted(o.seconds for o in outcomes if o.ending == "finished")
     return {"benchmark": "soak", "args": {k: v for k, v in vars(args).items() if k != "json"},
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "elapsed_s": round(elapsed, 1), "requests": len(outcomes),
             "completed": sum(o.ending == "finished" for o in outcomes),
             "achieved_rate": round(len(outcomes) / elapsed, 2), "executor_kills": kills,
+            # Send to last token of the requests that finished: flat p50 over a run means it kept up.
+            "finished_latency_s": {"p50": _percentile(finished, 50), "p99": _percentile(finished, 99),
+                                   "max": round(finished[-1], 3) if finished else None},
             "outcomes": {f"{kind}/{ending}": count for (kind, ending), count in sorted(by_kind.items())},
             "errors_by_code": dict(sorted(errors.items())), "lost": len(lost), "lost_examples": lost[:20],
             "scheduler_rss_mib": {"start": round(rss_start, 1), "end": round(rss_end, 1)},
             "went_idle": idle, "leaked_blocks": blocks}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile of sorted values (nearest rank), rounded to milliseconds."""
+    if not values:
+        return None
+    return round(values[min(len(values) - 1, int(len(values) * q / 100))], 3)
 
 
 def print_report(result: dict[str, object]) -> None:
@@ -259,6 +285,7 @@ def print_report(result: dict[str, object]) -> None:
     rows = [["elapsed", f"{result['elapsed_s']} s"], ["requests", result["requests"]],
             ["achieved rate", f"{result['achieved_rate']} req/s"], ["finished", result["completed"]],
             ["executor kills", result["executor_kills"]], ["errors by code", result["errors_by_code"]],
+            ["finished latency (s)", result["finished_latency_s"]],
             ["lost requests", result["lost"]],
             ["scheduler RSS", f"{rss['start']} MiB at start, {rss['end']} MiB at end"],  # type: ignore[index]
             ["leaked blocks", result["leaked_blocks"]], ["went idle", result["went_idle"]]]
