@@ -1,4 +1,5 @@
-"""`pagedserve bench`: serving throughput and latency on a synthetic workload, over the gRPC API.
+"""`pagedserve bench`: serving throughput and latency on a synthetic workload, over the gRPC API or
+(`--api openai`) the OpenAI-compatible HTTP API, with the same requests and the same report.
 
 Without --target it starts a scheduler and executors here first (every `pagedserve serve` flag
 applies; ports default to free ones) and benchmarks them; with --target it benchmarks a running
@@ -8,6 +9,7 @@ server; --plot draws normalized latency against the rate.
 
     pagedserve bench --trace sharegpt --num-requests 200                  # offline, embedded model
     pagedserve bench --request-rate 1,2,4 --plot latency.png --json out.json
+    pagedserve bench --api openai --backend simulated --num-requests 256   # through /v1/completions
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from clients.bench_records import summarize
 from clients.client import PagedServeClient
 from clients.connection_args import TOKEN_ENV, read_root_certificates
 from clients.loadgen import TRACE_NAMES, LoadRequest, WorkloadSpec, build_load_requests, run_workload
+from clients.openai_loadgen import run_openai_workload
 from clients.serve_command import READY_TIMEOUT_SECONDS, add_stack_arguments, build_configs
 from clients.server_metrics import ServerStats, scrape
 from clients.stack import LocalStack, stack_specs
 from scheduler_svc.config import ENV_PREFIX
 from scheduler_svc.errors import InvalidArgumentError
+
+API_NAMES = ("grpc", "openai")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,6 +47,7 @@ class Endpoint:
     metrics_url: str | None
     token: str | None = None
     root_certificates: bytes | None = None
+    http_url: str | None = None         # the OpenAI-compatible API's base URL (for --api openai)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", type=Path, help="write the result here")
     out.add_argument("--plot", type=Path, help="draw normalized latency vs request rate here (PNG)")
     out.add_argument("--no-progress", dest="progress", action="store_false")
+    work.add_argument("--api", choices=API_NAMES, default="grpc",
+                      help="send the requests over gRPC (default) or the OpenAI-compatible HTTP API "
+                           "(streamed /v1/completions); the workload and the report are the same")
     remote = parser.add_argument_group("running server")
     remote.add_argument("--target", default=None, metavar="HOST:PORT",
                         help="benchmark this server instead of starting one")
+    remote.add_argument("--http-url", default=None, metavar="URL",
+                        help="with --api openai and --target: its HTTP API (default http://HOST:8000)")
     remote.add_argument("--metrics-url", default=None, help="its Prometheus page, for server statistics")
     remote.add_argument("--token", default=None, help="its access token (default $PAGEDSERVE_TOKEN)")
     remote.add_argument("--tls-ca", type=Path, metavar="FILE", help="connect with TLS trusting FILE")
@@ -121,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         stack.wait_ready(READY_TIMEOUT_SECONDS)
         metrics = stack.processes["scheduler"].metrics_address
         roots = Path(scheduler.tls_cert_file).read_bytes() if scheduler.tls_cert_file else None
+        http = stack.processes["scheduler"].http_address
         endpoint = Endpoint(address, f"http://{metrics}/metrics" if metrics else None,
-                            scheduler.auth_token or None, roots)
+                            scheduler.auth_token or None, roots,
+                            _http_url(http, scheduler.tls_cert_file) if http else None)
         return _benchmark(args, specs, endpoint, config=dataclasses.asdict(scheduler))
     finally:
         stack.stop()
@@ -130,13 +143,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _remote_endpoint(args: argparse.Namespace) -> Endpoint:
     token = args.token or os.environ.get(TOKEN_ENV)
-    return Endpoint(args.target, args.metrics_url, token, read_root_certificates(args.tls_ca))
+    http_url = args.http_url or _http_url(f"{args.target.rpartition(':')[0]}:8000", args.tls_ca)
+    return Endpoint(args.target, args.metrics_url, token, read_root_certificates(args.tls_ca), http_url)
+
+
+def _http_url(address: str, tls: object) -> str:
+    return f"{'https' if tls else 'http'}://{address}"
 
 
 def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: Endpoint,
                config: dict[str, Any] | None = None) -> int:
+    if args.api == "openai" and endpoint.http_url is None:
+        raise InvalidArgumentError("api", "the server runs no HTTP API (http_port 0)")
     result = benchmark(endpoint, specs, args.label, warmup_requests=args.warmup_requests,
-                       progress=args.progress, config=config, num_clients=args.num_clients)
+                       progress=args.progress, config=config, num_clients=args.num_clients, api=args.api)
     print(bench_report.markdown([result]))
     for run in result["runs"]:
         for line in bench_report.failure_lines(run["client"]):
@@ -150,10 +170,11 @@ def _benchmark(args: argparse.Namespace, specs: list[WorkloadSpec], endpoint: En
 
 def benchmark(endpoint: Endpoint, specs: list[WorkloadSpec], label: str, *, warmup_requests: int = 0,
               progress: bool = True, config: dict[str, Any] | None = None,
-              num_clients: int = 1) -> dict[str, Any]:
+              num_clients: int = 1, api: str = "grpc") -> dict[str, Any]:
     """Run each workload in turn against a serving endpoint; returns the result (bench_report's format).
 
-    The requests of each run are spread over `num_clients` clients, each with its own connection.
+    The requests of each run are spread over `num_clients` clients, each with its own connection; `api`
+    says which API they are sent through ("grpc" or "openai"; model info always comes over gRPC).
     """
     with PagedServeClient(endpoint.target, token=endpoint.token,
                           root_certificates=endpoint.root_certificates) as client:
@@ -163,25 +184,31 @@ def benchmark(endpoint: Endpoint, specs: list[WorkloadSpec], label: str, *, warm
         warmup = WorkloadSpec(trace="fixed", num_requests=warmup_requests, prompt_len=16, output_len=8,
                               seed=specs[0].seed + 1)
         _run_once(endpoint, build_load_requests(warmup, info.vocab_size, info.max_model_len), warmup,
-                  "warm-up", progress, num_clients)
+                  "warm-up", progress, num_clients, api, info.model_name)
     runs = []
     for spec in specs:
         requests = build_load_requests(spec, info.vocab_size, info.max_model_len)
         before = scrape(endpoint.metrics_url) if endpoint.metrics_url else None
         records, duration = _run_once(endpoint, requests, spec, f"{label} rate {spec.request_rate:g}",
-                                      progress, num_clients)
+                                      progress, num_clients, api, info.model_name)
         server = ServerStats.between(before, scrape(endpoint.metrics_url)) if before is not None else None
         runs.append(bench_report.run_entry(spec.request_rate, summarize(records, duration), server))
         print(bench_report.markdown([{"system": label, "runs": runs[-1:]}]), file=sys.stderr)
     workload_fields = dataclasses.asdict(specs[0]) | {"request_rates": [s.request_rate for s in specs],
-                                                      "num_clients": num_clients}
+                                                      "num_clients": num_clients, "api": api}
     return {"system": label, "workload": workload_fields, "runs": runs, "model": dataclasses.asdict(info),
             "config": config, "environment": {"python": platform.python_version(),
                                               "machine": platform.machine()}}
 
 
 def _run_once(endpoint: Endpoint, requests: list[LoadRequest], spec: WorkloadSpec, label: str,
-              progress: bool, num_clients: int) -> tuple[list, float]:
+              progress: bool, num_clients: int, api: str = "grpc", model: str = "") -> tuple[list, float]:
+    if api == "openai":
+        assert endpoint.http_url is not None
+        return asyncio.run(run_openai_workload(
+            endpoint.http_url, requests, model, seed=spec.seed, token=endpoint.token,
+            root_certificates=endpoint.root_certificates, show_progress=progress, label=label,
+            num_clients=num_clients))
     return asyncio.run(run_workload(endpoint.target, requests, seed=spec.seed, token=endpoint.token,
                                     root_certificates=endpoint.root_certificates, show_progress=progress,
                                     label=label, num_clients=num_clients))

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from clients.bench_records import RequestRecord
 from clients.client import AsyncPagedServeClient, PagedServeError
@@ -129,12 +130,13 @@ class LoadGenerator:
     """Sends a workload through AsyncPagedServeClients and records every request's timeline.
 
     `client` may be one client or several (request i goes through client i mod their number), so that
-    a run can come from many connections as from many users.
+    a run can come from many connections as from many users. Subclasses send through another API by
+    overriding `_deliver` (clients/openai_loadgen.py: the OpenAI-compatible HTTP API).
     """
 
-    def __init__(self, client: AsyncPagedServeClient | Sequence[AsyncPagedServeClient],
-                 requests: Sequence[LoadRequest], seed: int = 0, progress: Progress | None = None) -> None:
-        self.clients = [client] if isinstance(client, AsyncPagedServeClient) else list(client)
+    def __init__(self, client: Any, requests: Sequence[LoadRequest], seed: int = 0,
+                 progress: Progress | None = None) -> None:
+        self.clients = list(client) if isinstance(client, list | tuple) else [client]
         self.requests = list(requests)
         self.seed = seed
         self.progress = progress
@@ -161,12 +163,8 @@ class LoadGenerator:
         delay = request.arrival_time - self._now()
         if delay > 0:
             await asyncio.sleep(delay)
-        message = build_generate_request(list(request.prompt_token_ids), f"bench-{request.index}",
-                                         skip_special_tokens=True, **sampling_arguments(request, self.seed))
-        client = self.clients[request.index % len(self.clients)]
         try:
-            async for response in client.stream_responses(message):
-                self._record_response(record, response)
+            await self._deliver(request, record, self.clients[request.index % len(self.clients)])
         except PagedServeError as err:
             record.error_code, record.error = err.code.name, err.message
         except Exception as err:        # one failed request must not end the run: record it
@@ -177,16 +175,28 @@ class LoadGenerator:
         if self.progress is not None:
             self.progress.update(self._finished)
 
-    def _record_response(self, record: RequestRecord, response: object) -> None:
+    async def _deliver(self, request: LoadRequest, record: RequestRecord, client: Any) -> None:
+        """Send one request through `client` and record its stream."""
+        message = build_generate_request(list(request.prompt_token_ids), f"bench-{request.index}",
+                                         skip_special_tokens=True, **sampling_arguments(request, self.seed))
+        async for response in client.stream_responses(message):
+            self._record_response(record, response)
+
+    def _record_tokens(self, record: RequestRecord, index: int, num_tokens: int) -> None:
+        """`num_tokens` new tokens of output `index` reached the client now."""
+        if not num_tokens:
+            return
         now = self._now()
+        if record.first_token is None:
+            record.first_token = now
+        if index == 0:
+            record.token_times.extend([now] * num_tokens)
+
+    def _record_response(self, record: RequestRecord, response: object) -> None:
         for chunk in response.choices:  # type: ignore[attr-defined]
-            if not chunk.token_ids:
-                continue
-            if record.first_token is None:
-                record.first_token = now
-            if chunk.index == 0:
-                record.token_times.extend([now] * len(chunk.token_ids))
+            self._record_tokens(record, chunk.index, len(chunk.token_ids))
         if response.HasField("usage"):  # type: ignore[attr-defined]
+            now = self._now()
             usage = response.usage  # type: ignore[attr-defined]
             record.finished = now
             record.output_tokens = usage.completion_tokens

@@ -59,6 +59,9 @@ def build_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, list[Execu
     scheduler = SchedulerConfig.from_sources(args)
     base = config_from_sources(ExecutorConfig, args, None, EXECUTOR_ENV_PREFIX)
     ephemeral = scheduler.port == 0
+    if ephemeral and scheduler.http_port:
+        # `--port 0` picks free ports for everything (0 itself would turn the HTTP API off).
+        scheduler = dataclasses.replace(scheduler, http_port=free_port(scheduler.host))
     # Rank 0 hosts the tensor-parallel group's rendezvous on a free port; every rank names it.
     rendezvous = (base.distributed_init_address if args.executors == 1
                   else f"{scheduler.host}:{free_port(scheduler.host)}")
@@ -101,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)
         stack.wait_ready(READY_TIMEOUT_SECONDS)
-        print(f"pagedserve serve: serving on {address} with {len(executors)} executor(s); Ctrl-C stops",
+        http = stack.processes["scheduler"].http_address
+        api = f" (gRPC) and http://{http}/v1 (OpenAI-compatible HTTP)" if http else ""
+        print(f"pagedserve serve: serving on {address}{api} with {len(executors)} executor(s); Ctrl-C stops",
               file=sys.stderr, flush=True)
         if args.demo_prompt:
             run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler)

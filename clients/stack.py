@@ -35,6 +35,7 @@ from scheduler_svc.config import SchedulerConfig
 log = logging.getLogger("pagedserve.serve")
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+HTTP = re.compile(r"http on https?://(\S+):(\d+)")      # the scheduler's OpenAI-compatible API
 READY = re.compile(r"pagedserve\.engine: serving ")      # the scheduler's executors are all up
 RESTART_DELAY_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 60.0
@@ -97,6 +98,7 @@ class ManagedProcess:
     proc: subprocess.Popen[str]
     address: str | None = None
     metrics_address: str | None = None
+    http_address: str | None = None
     restarts: int = 0
     listening: threading.Event = field(default_factory=threading.Event)
     ready: threading.Event = field(default_factory=threading.Event)
@@ -150,6 +152,8 @@ class LocalStack:
                 managed.listening.set()
             elif (match := METRICS.search(line)) is not None:
                 managed.metrics_address = f"{match.group(1)}:{match.group(2)}"
+            elif (match := HTTP.search(line)) is not None:
+                managed.http_address = f"{match.group(1)}:{match.group(2)}"
             elif READY.search(line) is not None:
                 managed.ready.set()
             sys.stderr.write(f"[{managed.spec.name}] {line}")

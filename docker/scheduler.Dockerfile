@@ -38,7 +38,7 @@ COPY models/stdlib-llama/ /opt/pagedserve/models/stdlib-llama/
 
 USER 10001:10001
 WORKDIR /home/pagedserve
-EXPOSE 50051 9400
+EXPOSE 50051 8000 9400
 # Health is SERVING only while every executor rank serves; the port follows PAGEDSERVE_PORT.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["sh", "-c", "pagedserve healthcheck --target 127.0.0.1:${PAGEDSERVE_PORT:-50051}"]

@@ -55,6 +55,18 @@ from transformers import (
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "stdlib-llama"
 # Llama's special token ids: the ids are part of the model's contract (config, generation config).
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
+# The chat template of /v1/chat/completions: a code model has no chat format of its own, so system and
+# user messages become comment lines and the assistant's turns are code; generation goes on with code.
+CHAT_TEMPLATE = ("{{- bos_token }}"
+                 "{%- for message in messages %}"
+                 "{%- if message['role'] == 'assistant' %}"
+                 "{{- message['content'] + '\\n' }}"
+                 "{%- else %}"
+                 "{%- for line in message['content'].split('\\n') %}"
+                 "{{- '# ' + line + '\\n' }}"
+                 "{%- endfor %}"
+                 "{%- endif %}"
+                 "{%- endfor %}")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Directory names whose files are left out wherever they appear in a relative path.
 EXCLUDED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
@@ -413,7 +425,8 @@ def train(model: LlamaForCausalLM, train_data: torch.Tensor, val_data: torch.Ten
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int) -> None:
-    """Save tokenizer.json and a tokenizer_config.json that 4.x and 5.x load as PreTrainedTokenizerFast."""
+    """Save tokenizer.json and a tokenizer_config.json (with the chat template) that 4.x and 5.x load as
+    PreTrainedTokenizerFast."""
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, unk_token=UNK_TOKEN,
         model_max_length=max_len,
@@ -425,6 +438,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int) -> None:
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pagedserve.v1 import generation_pb2 as pb
 from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.request_stream import ChoiceUpdate, StreamUpdate
-from scheduler_svc.sampling_params import EarlyStopping, SamplingParams
+from scheduler_svc.sampling_params import EarlyStopping, SamplingParams, sampling_params_from_fields
 from scheduler_svc.sequence import FinishReason
 
 # Fields copied as they are; optional ones only when set (unset keeps the SamplingParams default).
 _PLAIN_FIELDS = ("top_k", "min_p", "presence_penalty", "frequency_penalty", "min_tokens",
                  "include_stop_str_in_output", "ignore_eos", "logprobs", "beam_width", "priority")
-_OPTIONAL_FIELDS = ("n", "best_of", "top_p", "repetition_penalty", "seed", "max_tokens", "length_penalty")
+_OPTIONAL_FIELDS = ("n", "best_of", "temperature", "top_p", "repetition_penalty", "seed", "max_tokens",
+                    "length_penalty")
 
 # The client API's EarlyStopping as SamplingParams takes it (HF's values); UNSPECIFIED keeps the default.
 # The Python client sends its keyword values through the inverse of this table.
@@ -52,15 +53,11 @@ def sampling_params_from_proto(msg: pb.SamplingParameters) -> SamplingParams:
     for name in _OPTIONAL_FIELDS:
         if msg.HasField(name):
             values[name] = getattr(msg, name)
-    if msg.HasField("temperature"):
-        values["temperature"] = msg.temperature
-    elif msg.beam_width:
-        values["temperature"] = 0.0        # beam search is greedy unless told otherwise (it refuses that)
     if msg.early_stopping != pb.EARLY_STOPPING_UNSPECIFIED:
         values["early_stopping"] = _early_stopping(msg.early_stopping)
-    values["stop"] = tuple(msg.stop)
-    values["stop_token_ids"] = frozenset(msg.stop_token_ids)
-    return SamplingParams(**values)  # type: ignore[arg-type]
+    values["stop"] = msg.stop
+    values["stop_token_ids"] = msg.stop_token_ids
+    return sampling_params_from_fields(values)
 
 
 def _early_stopping(value: int) -> EarlyStopping:

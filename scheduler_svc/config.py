@@ -69,6 +69,10 @@ class SchedulerConfig:
     # ---- serving (the frontend and the engine; unused by the pure scheduler and `simulate`) ----
     host: str = "127.0.0.1"
     port: int = 50051
+    # The OpenAI-compatible HTTP API, on `host` beside the gRPC API (0 turns it off).
+    http_port: int = 8000
+    # A Jinja chat template file for /v1/chat/completions, instead of the model's tokenizer_config.json one.
+    chat_template: str = ""
     executor_addresses: str = "127.0.0.1:50061"
     model: str = ""
     served_model_name: str = ""
@@ -115,6 +119,10 @@ class SchedulerConfig:
         if not self.model:
             object.__setattr__(self, "model", default_model_dir())    # the embedded default model
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
+        _check(0 <= self.http_port < 65536, "http_port",
+               f"must be in [1, 65535], or 0 for no HTTP API, got {self.http_port}")
+        _check(self.http_port == 0 or self.http_port not in (self.port, self.metrics_port), "http_port",
+               f"must differ from port and metrics_port, got {self.http_port}")
         _check(-1 <= self.metrics_port < 65536, "metrics_port",
                f"must be in [0, 65535], or -1 for no metrics server, got {self.metrics_port}")
         _check(bool(self.executor_list), "executor_addresses", "give at least one executor as host:port")
@@ -164,11 +172,11 @@ class SchedulerConfig:
         return config_from_sources(cls, args, environ, ENV_PREFIX, int_fields=("max_model_len",))
 
 
-SERVING_FIELDS = ("host", "port", "executor_addresses", "model", "served_model_name", "max_waiting_requests",
-                  "max_request_bytes", "executor_grace_seconds", "executor_step_timeout_seconds",
-                  "executor_health_timeout_seconds", "startup_timeout_seconds",
-                  "shutdown_grace_seconds", "tls_cert_file", "tls_key_file", "auth_token", "metrics_port",
-                  "async_scheduling")
+SERVING_FIELDS = ("host", "port", "http_port", "chat_template", "executor_addresses", "model",
+                  "served_model_name", "max_waiting_requests", "max_request_bytes", "executor_grace_seconds",
+                  "executor_step_timeout_seconds", "executor_health_timeout_seconds",
+                  "startup_timeout_seconds", "shutdown_grace_seconds", "tls_cert_file", "tls_key_file",
+                  "auth_token", "metrics_port", "async_scheduling")
 
 
 def _check(condition: bool, name: str, message: str) -> None:

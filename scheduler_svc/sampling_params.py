@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,6 +82,24 @@ class SamplingParams:
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+
+
+def sampling_params_from_fields(values: Mapping[str, object]) -> SamplingParams:
+    """SamplingParams from the fields a client set, named as SamplingParams names them.
+
+    The one construction every frontend (gRPC and the OpenAI HTTP API) goes through, so that an unset
+    field means the same everywhere: it takes the SamplingParams default, except that beam search
+    defaults temperature to 0 (it is greedy, and refuses any other temperature). `stop` and
+    `stop_token_ids` take any iterable. Raises InvalidArgumentError naming the first bad field.
+    """
+    fields = dict(values)
+    if "temperature" not in fields and fields.get("beam_width"):
+        fields["temperature"] = 0.0
+    if "stop" in fields:
+        fields["stop"] = tuple(fields["stop"])  # type: ignore[arg-type]
+    if "stop_token_ids" in fields:
+        fields["stop_token_ids"] = frozenset(fields["stop_token_ids"])  # type: ignore[arg-type]
+    return SamplingParams(**fields)  # type: ignore[arg-type]
 
 
 def _require(condition: bool, name: str, message: str) -> None:

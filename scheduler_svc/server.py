@@ -9,12 +9,11 @@ server stops taking requests (UNAVAILABLE, health NOT_SERVING), lets live reques
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,13 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.default_model import default_model_dir
 from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
 from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
+from scheduler_svc.frontend import TokenizerThread, follow
 from scheduler_svc.gc_policy import settle_heap
+from scheduler_svc.http_server import HttpServer
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.metrics_http import start_metrics_server
-from scheduler_svc.tokenizer import encode_prompt, load_tokenizer
+from scheduler_svc.openai_api import build_app
+from scheduler_svc.tokenizer import load_tokenizer
 
 log = logging.getLogger("pagedserve.scheduler")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -54,17 +56,13 @@ _SUBMIT_ERRORS: dict[type[Exception], grpc.StatusCode] = {
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Generate, Abort and GetModelInfo over the engine."""
 
-    def __init__(self, engine: Engine, config: SchedulerConfig) -> None:
+    def __init__(self, engine: Engine, config: SchedulerConfig, tokenizer_thread: TokenizerThread) -> None:
         self._engine = engine
         self._config = config
-        # Tokenizing a long prompt takes milliseconds: keep it off the event loop, on one thread
-        # because a fast tokenizer must not be used by two threads at once ("Already borrowed").
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self._tokenizer_thread = tokenizer_thread
 
     def _parse(self, request: pb.GenerateRequest) -> Awaitable[ParsedRequest]:
-        encode = functools.partial(encode_prompt, self._engine.tokenizer)
-        return asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, parse_request, request,
-                                                          encode)
+        return self._tokenizer_thread.run(parse_request, request, self._tokenizer_thread.encode_function())
 
     async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
                       request_id: str) -> None:
@@ -87,20 +85,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except tuple(_SUBMIT_ERRORS) as err:
             await self._reject(context, _SUBMIT_ERRORS[type(err)], str(err), request.request_id)
             return
-        try:
-            while True:
-                update = await stream.next_update()
+        # Closing `follow` aborts the request when the client went away or the call was cancelled.
+        async with contextlib.aclosing(follow(self._engine, stream)) as updates:
+            async for update in updates:
                 if update.error is not None:
                     kind, message = update.error
                     log.warning("request %s failed: %s: %s", stream.request_id, _ERROR_CODES[kind].name,
                                 message)
                     await context.abort(_ERROR_CODES[kind], message)
                 yield response_to_proto(stream.request_id, update)
-                if update.is_last:
-                    return
-        finally:
-            if not stream.finished:     # the client went away or the call was cancelled
-                self._engine.abort(stream.request_id)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         """Abort a live request by id."""
@@ -202,6 +195,7 @@ class SchedulerServer:
             raise InvalidArgumentError("model", f"cannot load a tokenizer from {model_dir}: {err}") from err
         self.health = health.aio.HealthServicer()
         self.engine = Engine(config, tokenizer, self.metrics, self._serving_changed)
+        self.tokenizer_thread = TokenizerThread(tokenizer)
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(
@@ -209,13 +203,19 @@ class SchedulerServer:
         # After auth: an unauthenticated call is refused as such, whatever its bytes.
         interceptors.append(DecodeErrorInterceptor(self._count_undecodable))
         self.server = grpc.aio.server(options=_server_options(config), interceptors=interceptors)
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.engine, config),
-                                                                    self.server)
+        servicer = GenerationServicer(self.engine, config, self.tokenizer_thread)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
         self.port = 0
         self.metrics_port: int | None = None
+        # The OpenAI-compatible HTTP API, on the same loop and over the same engine (http_port 0: none).
+        self.http: HttpServer | None = None
+        if config.http_port:
+            app = build_app(self.engine, self.tokenizer_thread, config)
+            self.http = HttpServer(app, config.host, config.http_port, config.tls_cert_file,
+                                   config.tls_key_file)
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     def _count_undecodable(self, method: str) -> None:
@@ -241,10 +241,15 @@ class SchedulerServer:
         if self.config.metrics_port >= 0:
             self.metrics_port = start_metrics_server(self.metrics.registry, self.config.host,
                                                      self.config.metrics_port)
+        if self.http is not None:
+            await self.http.start()
         scheme = "tls" if self.config.tls_cert_file else "insecure"
         log.info("pagedserve-scheduler listening on %s:%d (%s)", self.config.host, self.port, scheme)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        if self.http is not None:
+            log.info("http on %s://%s:%d (OpenAI-compatible API)", self.http.scheme, self.config.host,
+                     self.http.port)
 
     async def drain_and_stop(self) -> None:
         """Refuse new requests, let live ones finish within the grace period, then stop."""
@@ -258,7 +263,14 @@ class SchedulerServer:
         while engine.streams and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await engine.stop()
-        await self.server.stop(grace=1.0)
+        await self.stop_servers(grace=1.0)
+
+    async def stop_servers(self, grace: float) -> None:
+        """Stop listening on gRPC and HTTP; calls still open get `grace` seconds."""
+        if self.http is not None:
+            await self.http.stop(grace)
+        await self.server.stop(grace=grace)
+        self.tokenizer_thread.close()
 
 
 async def serve(config: SchedulerConfig) -> int:
@@ -274,7 +286,7 @@ async def serve(config: SchedulerConfig) -> int:
     await asyncio.wait({startup, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if startup.done() and startup.exception() is not None:
         log.error("cannot start: %s", startup.exception())
-        await server.server.stop(grace=0)
+        await server.stop_servers(grace=0)
         return 1
     if startup.done():
         settle_heap()                   # the tokenizer and every module are loaded: freeze them

@@ -131,7 +131,8 @@ class Suite:
         if self.executor is None:
             self.start_executor()
         config = SchedulerConfig(executor_addresses=self.executor_address, port=free_port("127.0.0.1"),
-                                 metrics_port=0, model=str(self.o.model_dir),
+                                 http_port=free_port("127.0.0.1"), metrics_port=0,
+                                 model=str(self.o.model_dir),
                                  max_model_len=self.o.max_model_len,
                                  gpu_memory_utilization=fields.pop("gpu_memory_utilization",
                                                                    self.o.gpu_memory_utilization),

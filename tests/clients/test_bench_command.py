@@ -172,3 +172,20 @@ def test_warm_up_requests_are_left_out_of_the_measured_run(stack, tmp_path):
     (run,) = read_result(path)["runs"]
     assert (run["client"]["completed"], run["client"]["output_tokens"]) == (1, 3)
     assert (run["server"]["iterations"], run["server"]["mean_batched_requests"]) == (3, 1.0)
+
+
+@pytest.mark.parametrize(("flags", "outputs"), [(["--n", "2"], 2), (["--beam-width", "2"], 2), ([], 1)])
+def test_the_openai_api_runs_the_same_workload_to_the_same_counts(stack, tmp_path, flags, outputs):
+    path = tmp_path / "openai.json"
+    code = pagedserve(["bench", "--api", "openai", "--target", stack.target, "--http-url", stack.http_url,
+                       "--metrics-url", metrics_url(stack), "--trace", "fixed", "--num-requests", "3",
+                       "--prompt-len", "6", "--output-len", "5", *flags, "--json", str(path),
+                       "--no-progress"])
+    assert code == 0
+    result = read_result(path)
+    assert result["workload"]["api"] == "openai"
+    (run,) = result["runs"]
+    client = run["client"]
+    assert (client["completed"], client["failed"], client["output_tokens"]) == (3, 0, 3 * 5 * outputs)
+    assert client["prompt_tokens"] == 3 * 6 and client["ttft"]["p50_ms"] > 0
+    assert run["server"]["iterations"] >= 5

@@ -41,7 +41,7 @@ from tests.docker.deployment_files import (
 
 # Fields that differ between containers and processes on one host, checked for consistency instead.
 NETWORK_FIELDS = {
-    "scheduler": ("host", "port", "metrics_port", "executor_addresses"),
+    "scheduler": ("host", "port", "http_port", "metrics_port", "executor_addresses"),
     "executor": ("host", "port", "metrics_port", "distributed_init_address"),
 }
 # Fields holding paths: the container's path is compared as the host path it maps to.
@@ -188,7 +188,9 @@ def test_network_settings_connect_the_services(layout: Layout) -> None:
             assert host == executors[0].name, f"the rendezvous is on {host}, not on rank 0"
         named += [e.name for e in executors]
         published = [str(port) for port in scheduler.service.get("ports", [])]
-        assert all(p.rsplit(":", 1)[-1] in {str(scheduler.config.port), str(scheduler.config.metrics_port)}
+        config = scheduler.config
+        listening = {str(config.port), str(config.http_port), str(config.metrics_port)}
+        assert all(p.rsplit(":", 1)[-1] in listening
                    for p in published), f"{scheduler.name} publishes ports it does not listen on: {published}"
     assert sorted(named) == sorted(s.name for s in services.values() if s.kind == "executor"), (
         "every executor service serves exactly one scheduler")

@@ -44,6 +44,13 @@ class RunningStack:
         """A client of this stack's frontend."""
         return PagedServeClient(self.target, **kwargs)  # type: ignore[arg-type]
 
+    @property
+    def http_url(self) -> str:
+        """The base URL of the scheduler's OpenAI-compatible HTTP API (`--port 0` gives it a free port)."""
+        address = self.stack.processes["scheduler"].http_address
+        assert address is not None, "the scheduler reported no HTTP address"
+        return f"http://{address}"
+
     def health(self) -> int:
         """The scheduler's overall health status (a HealthCheckResponse enum value)."""
         with grpc.insecure_channel(self.target) as channel:

@@ -45,6 +45,8 @@ class InProcessStack:
             raise
         assert self._scheduler is not None
         self.target = f"127.0.0.1:{self._scheduler.port}"
+        http = self._scheduler.http
+        self.http_url = f"http://127.0.0.1:{http.port}" if http is not None else ""
 
     @property
     def engine(self) -> Engine:
