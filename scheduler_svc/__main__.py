@@ -1,8 +1,9 @@
 """`pagedserve-scheduler`: run the scheduler service alone.
 
-It serves the client API (pagedserve.v1.GenerationService, health, reflection) on --host/--port,
-connects to the executor ranks listed in --executor-addresses (host:port, comma-separated, in rank order), and
-exposes Prometheus metrics on --metrics-port. Every flag has a PAGEDSERVE_<FLAG> environment variable.
+It serves the client API (pagedserve.v1.GenerationService, health, reflection) on --host/--port and
+the OpenAI-compatible HTTP API on --http-port (0: none), connects to the executor ranks listed in
+--executor-addresses (host:port, comma-separated, in rank order), and exposes Prometheus metrics on
+--metrics-port. Every flag has a PAGEDSERVE_<FLAG> environment variable.
 `pagedserve simulate` runs the scheduling policy offline against the simulated executor instead.
 """
 
@@ -39,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidArgumentError as err:
         print(f"pagedserve-scheduler: invalid {err}", file=sys.stderr)
         return 2
+    except OSError as err:          # a port that is taken, a certificate that cannot be read
+        print(f"pagedserve-scheduler: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
