@@ -236,13 +236,14 @@ class SchedulerServer:
     async def start(self) -> None:
         """Listen (health NOT_SERVING), then connect the executors in the background."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            # First: its port is fixed, and the ports picked by the OS below could land on it.
+            await self.http.start()
         self.port = _bind(self.server, self.config)
         await self.server.start()
         if self.config.metrics_port >= 0:
             self.metrics_port = start_metrics_server(self.metrics.registry, self.config.host,
                                                      self.config.metrics_port)
-        if self.http is not None:
-            await self.http.start()
         scheme = "tls" if self.config.tls_cert_file else "insecure"
         log.info("pagedserve-scheduler listening on %s:%d (%s)", self.config.host, self.port, scheme)
         if self.metrics_port is not None:
