@@ -10,7 +10,8 @@ table per phase, and the latency-vs-rate plot.
     python benchmarks/device/serving_suite.py --out results/ --phases main,peers
     python benchmarks/device/serving_suite.py --phases reservation,blocksize,preemption,sharing,online
 
-Phases: main (ShareGPT-like offline), async (one step at a time vs planned ahead), chunked (chunked
+Phases: main (ShareGPT-like offline), http (the main trace through gRPC, then through the
+OpenAI-compatible HTTP API, on one scheduler), async (one step at a time vs planned ahead), chunked (chunked
 prefill at two budgets), prefix (a shared system prompt, prefix caching off and on), profile (torch
 profiler of decode steps, in process), peers (HF continuous and static batching offline), reservation
 (paged vs reserve-max/pow2/oracle), blocksize (8-128), preemption (swap vs recompute under memory
@@ -51,8 +52,8 @@ LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers
 LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
               "num_attention_heads": 40, "num_key_value_heads": 40}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-PHASES = ("main", "async", "chunked", "prefix", "profile", "peers", "reservation", "blocksize", "preemption",
-          "sharing", "online")
+PHASES = ("main", "http", "async", "chunked", "prefix", "profile", "peers", "reservation", "blocksize",
+          "preemption", "sharing", "online")
 READY_TIMEOUT_S = 900.0
 CHUNKED_PREFILL_BUDGETS = (2048, 4096)
 SHARED_PREFIX_LEN = 1024            # a long system prompt in front of every Alpaca-like request
@@ -145,7 +146,8 @@ class Suite:
             address = stack.wait_listening("scheduler", timeout=120.0)
             stack.wait_ready(READY_TIMEOUT_S)
             metrics = stack.processes["scheduler"].metrics_address
-            yield Endpoint(address, f"http://{metrics}/metrics")
+            http = stack.processes["scheduler"].http_address
+            yield Endpoint(address, f"http://{metrics}/metrics", http_url=f"http://{http}" if http else None)
         finally:
             stack.stop()
 
@@ -184,6 +186,15 @@ class Suite:
         """The headline run: ShareGPT-like, offline, PagedAttention with block 16."""
         self.bench("main", "pagedserve", [self.sharegpt(self.o.num_requests)],
                    max_num_seqs=self.o.max_num_seqs)
+
+    def frontends(self) -> None:
+        """The main trace through each API on one scheduler, gRPC first: the HTTP API's cost (issue 19)."""
+        fields = {"max_num_seqs": self.o.max_num_seqs}
+        with self.scheduler(**fields) as endpoint:
+            for api in ("grpc", "openai"):
+                result = benchmark(endpoint, [self.sharegpt(self.o.num_requests)], f"pagedserve over {api}",
+                                   warmup_requests=8, config=dict(fields), api=api)
+                self.add("http", result)
 
     def scheduling(self) -> None:
         """The main trace one step at a time, then with the next plan made while a step runs."""
@@ -291,7 +302,8 @@ class Suite:
 
 def run_phases(suite: Suite, phases: list[str]) -> None:
     """Our phases first (one executor for all), then the ones that need the GPU to themselves."""
-    ours: dict[str, Callable[[], None]] = {"main": suite.main, "async": suite.scheduling,
+    ours: dict[str, Callable[[], None]] = {"main": suite.main, "http": suite.frontends,
+                                           "async": suite.scheduling,
                                            "chunked": suite.chunked_prefill, "prefix": suite.prefix_caching,
                                            "reservation": suite.reservation,
                                            "blocksize": suite.blocksize, "preemption": suite.preemption,

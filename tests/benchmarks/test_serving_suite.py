@@ -21,7 +21,8 @@ def test_suite_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "benchmarks" / "device" / "serving_suite.py"), "--model",
                default_model_dir(), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
-               "--phases", "main,chunked,peers", "--num-requests", "4", "--peer-continuous-requests", "3",
+               "--phases", "main,http,chunked,peers", "--num-requests", "4",
+               "--peer-continuous-requests", "3",
                "--peer-static-requests", "3", "--static-batch-size", "2", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -29,10 +30,15 @@ def test_suite_smoke_run_on_cpu(tmp_path):
     by_system = {r["system"]: r for r in results}
     # A peer that fails is left out of the table; its subprocess wrote why to the suite's stderr.
     chunked_systems = {f"pagedserve chunked prefill {budget}" for budget in (2048, 4096)}
-    expected_systems = {"pagedserve", *chunked_systems, "hf-continuous", "hf-static"}
+    frontends = {"pagedserve over grpc", "pagedserve over openai"}
+    expected_systems = {"pagedserve", *frontends, *chunked_systems, "hf-continuous", "hf-static"}
     assert set(by_system) == expected_systems, done.stderr[-3000:]
     ours = by_system["pagedserve"]["runs"][0]
     assert ours["client"]["completed"] == 4 and ours["server"]["iterations"] > 0
+    # The same requests through both APIs: the same tokens.
+    through = {api: by_system[f"pagedserve over {api}"]["runs"][0]["client"] for api in ("grpc", "openai")}
+    assert through["grpc"]["output_tokens"] == through["openai"]["output_tokens"] == \
+        ours["client"]["output_tokens"]
     assert all(r["runs"][0]["client"]["failed"] == 0 for r in results)
     # The same trace: each peer generated exactly the tokens our load generator asks for.
     model = by_system["pagedserve"]["model"]
