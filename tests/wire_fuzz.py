@@ -14,6 +14,7 @@ valid requests and exercise the servers beyond their argument checks.
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ from google.protobuf.message import Message
 
 WIRE_VARINT, WIRE_I64, WIRE_LEN, WIRE_START_GROUP, WIRE_END_GROUP, WIRE_I32 = 0, 1, 2, 3, 4, 5
 MAX_FIELD_NUMBER = 2**29 - 1
+
+# What both servers' fuzz tests share: the standard services' methods, a truncated message, the
+# per-call deadline, and how many cases from which seed (the environment can change both).
+CHECK, WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+TRUNCATED = b"\x0a\x05ab"                   # field 1 says 5 bytes follow; 2 do
+DEADLINE_S = 10.0
+CASES = int(os.environ.get("PAGEDSERVE_FUZZ_CASES", "5000"))
+SEED = int(os.environ.get("PAGEDSERVE_FUZZ_SEED", "17"))
 _F = FieldDescriptor
 _EXTREMES: dict[int, tuple[int | float, ...]] = {
     _F.CPPTYPE_INT32: (0, 1, -1, -(2**31), 2**31 - 1),

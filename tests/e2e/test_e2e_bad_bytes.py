@@ -11,7 +11,6 @@ elsewhere; a failure names the seed and the case.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,21 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from pagedserve.v1 import generation_pb2 as pb
-from tests.wire_fuzz import WIRE_I32, FuzzCase, MessageFuzzer, key, length_delimited, varint
+from tests.wire_fuzz import (
+    CASES,
+    CHECK,
+    DEADLINE_S,
+    REFLECTION,
+    SEED,
+    TRUNCATED,
+    WATCH,
+    WIRE_I32,
+    FuzzCase,
+    MessageFuzzer,
+    key,
+    length_delimited,
+    varint,
+)
 
 # The simulated executor is fast and needs no model; its vocabulary is the embedded tokenizer's.
 VOCAB_SIZE = 4096
@@ -32,12 +45,6 @@ SIMULATED_STACK = ("--backend", "simulated", "--simulated-vocab-size", str(VOCAB
                    "--max-model-len", "96", "--simulated-kv-tokens", "8192", "--swap-space-bytes", str(2**20))
 SERVICE = "/pagedserve.v1.GenerationService/"
 GENERATE, ABORT, MODEL_INFO = SERVICE + "Generate", SERVICE + "Abort", SERVICE + "GetModelInfo"
-CHECK, WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
-REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-TRUNCATED = b"\x0a\x05ab"                   # field 1 says 5 bytes follow; 2 do
-DEADLINE_S = 10.0
-CASES = int(os.environ.get("PAGEDSERVE_FUZZ_CASES", "5000"))
-SEED = int(os.environ.get("PAGEDSERVE_FUZZ_SEED", "17"))
 CONCURRENCY = 16
 PROMPT = "def parse(text):"
 CODE = grpc.StatusCode

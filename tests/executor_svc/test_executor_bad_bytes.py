@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import queue
 import random
 import threading
@@ -30,19 +29,23 @@ from scheduler_svc.plan_codec import plan_to_proto, result_from_proto
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.simulator import collect
-from tests.wire_fuzz import FuzzCase, MessageFuzzer
+from tests.wire_fuzz import (
+    CASES,
+    CHECK,
+    DEADLINE_S,
+    REFLECTION,
+    SEED,
+    TRUNCATED,
+    WATCH,
+    FuzzCase,
+    MessageFuzzer,
+)
 
 FLAGS = ("--backend", "simulated", "--simulated-kv-tokens", "640", "--simulated-vocab-size", "100",
          "--max-model-len", "128")
 BLOCK = 4
 SERVICE = "/pagedserve.v1.ExecutorService/"
 DESCRIBE, INIT_CACHE, EXECUTE = SERVICE + "Describe", SERVICE + "InitCache", SERVICE + "Execute"
-CHECK, WATCH = "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
-REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-TRUNCATED = b"\x0a\x05ab"                   # field 1 says 5 bytes follow; 2 do
-DEADLINE_S = 10.0
-CASES = int(os.environ.get("PAGEDSERVE_FUZZ_CASES", "5000"))
-SEED = int(os.environ.get("PAGEDSERVE_FUZZ_SEED", "17"))
 CODE = grpc.StatusCode
 # The unary calls and reflection, while a scheduler's Execute stream is open: InitCache answers
 # FAILED_PRECONDITION to a request that decodes and is otherwise valid.
