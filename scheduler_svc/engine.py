@@ -69,7 +69,8 @@ class ShuttingDownError(RuntimeError):
 
 
 class ExecutorHungError(RuntimeError):
-    """A rank answered neither its step nor its health check within executor_step_timeout_seconds."""
+    """A rank sent no step result within executor_step_timeout_seconds, or no SERVING health answer
+    for executor_health_timeout_seconds."""
 
 
 @dataclass(frozen=True, slots=True)
