@@ -346,9 +346,12 @@ class BlockManager:
         return 1.0 - self.gpu.num_used / refs if refs else 0.0
 
     def gpu_utilization(self) -> float:
-        """Token slots holding tokens / token slots in allocated GPU blocks (1.0 when none used)."""
+        """Token slots holding tokens / token slots in allocated GPU blocks (0.0 when none used).
+
+        An idle server holds no blocks and so holds no tokens: 0, as the gauge and a dashboard read it.
+        """
         used = self.gpu.num_used
-        return self.gpu.filled_slots / (used * self.block_size) if used else 1.0
+        return self.gpu.filled_slots / (used * self.block_size) if used else 0.0
 
     def check_integrity(self, live_groups: Iterable[SequenceGroup]) -> None:
         """Assert exact block accounting against every live group's tables (raises AssertionError)."""

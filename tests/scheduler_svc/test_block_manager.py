@@ -232,3 +232,14 @@ def test_reserving_modes_take_the_whole_reservation_up_front(mode, blocks_per_se
         bm.append_slots(bm.advancing_seqs(group), [])
     assert bm.gpu.num_used == used
     bm.check_integrity([group])
+
+
+def test_utilization_is_zero_when_no_block_is_used():
+    """An idle server's KV utilization reads 0 (no tokens held), not 1."""
+    bm = BlockManager(BS, 10, 4, watermark=0.0)
+    assert bm.gpu_utilization() == 0.0
+    group = make_group(9)
+    admit(bm, group)
+    assert bm.gpu_utilization() > 0
+    bm.free_group(group)
+    assert bm.gpu_utilization() == 0.0
