@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protos"))
 from clients.tables import markdown_table
 from executor_svc.runner import ModelRunner, prepare_batch
 from executor_svc.sampler import Sampler
+from pagedserve.contract.plan import Sample, SequenceResult, StepPlan, StepResult
+from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto, result_to_proto
+from pagedserve.contract.sequence_registry import SequenceRegistry
+from pagedserve.gc_policy import settle_heap
 from pagedserve.v1 import executor_pb2 as pb
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.gc_policy import settle_heap
-from scheduler_svc.plan import Sample, SequenceResult, StepPlan, StepResult
-from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto, result_to_proto
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence_registry import SequenceRegistry
 
 STAGES = ("decode plan", "validate", "prepare batch", "sampling rows", "sampler (host)", "encode result")
 SAMPLER_VOCAB = 64          # small: the sampler row measures Python work, not the softmax over 32k

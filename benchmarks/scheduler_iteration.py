@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.tables import markdown_table
+from pagedserve.contract.plan import Sample, SequenceResult, StepPlan, StepResult
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.plan import Sample, SequenceResult, StepPlan, StepResult
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 

@@ -33,8 +33,8 @@ from clients.openai_loadgen import run_openai_workload
 from clients.serve_command import READY_TIMEOUT_SECONDS, add_stack_arguments, build_configs
 from clients.server_metrics import ServerStats, scrape
 from clients.stack import LocalStack, stack_specs
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.config import ENV_PREFIX
-from scheduler_svc.errors import InvalidArgumentError
 
 API_NAMES = ("grpc", "openai")
 

@@ -22,7 +22,7 @@ from typing import Any
 from clients.bench_records import ClientSummary
 from clients.server_metrics import ServerStats
 from clients.tables import markdown_table
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 Result = Mapping[str, Any]
 

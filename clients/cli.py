@@ -16,7 +16,7 @@ from clients import (
     simulate_command,
 )
 from clients.client import PagedServeError
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 
 class Command(Protocol):

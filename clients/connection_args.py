@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from clients.client import DEFAULT_TARGET, PagedServeClient
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 TOKEN_ENV = "PAGEDSERVE_TOKEN"
 

@@ -19,8 +19,8 @@ from google.protobuf import json_format
 from clients.client import Completion, CompletionBuilder, event_from_proto
 from clients.connection_args import add_connection_arguments, client_from_args
 from clients.request_builder import SAMPLING_FIELDS, build_generate_request
+from pagedserve.errors import InvalidArgumentError
 from pagedserve.v1 import generation_pb2 as pb
-from scheduler_svc.errors import InvalidArgumentError
 
 DEFAULT_MAX_TOKENS = 64
 

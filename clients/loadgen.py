@@ -27,7 +27,7 @@ from clients.traces import (
     with_poisson_arrivals,
     with_sharing,
 )
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 TRACE_NAMES = (*TRACES, "fixed")
 

@@ -20,9 +20,9 @@ from typing import Any
 from clients.stack import LocalStack, free_port, stack_specs
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
+from pagedserve.config_sources import add_config_arguments, config_from_sources
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.config_sources import add_config_arguments, config_from_sources
-from scheduler_svc.errors import InvalidArgumentError
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
 _LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model",

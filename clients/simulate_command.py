@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from clients.progress import Progress
+from clients.simulation import SimulatedRequest, SimulationReport, simulate
 from clients.tables import markdown_table
 from clients.traces import TRACES, TraceRequest, fixed_trace, prompt_token_ids, with_sharing
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.config import ReservationMode, SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.sampling_params import SamplingParams
-from scheduler_svc.simulation import SimulatedRequest, SimulationReport, simulate
 
 VOCAB_SIZE = 32000
 COLUMNS = [("reservation", "mode"), ("mean_batched_requests", "batched requests"),

@@ -12,7 +12,7 @@ from executor_svc.backend import ExecutorBackend
 from executor_svc.config import Backend, ExecutorConfig
 from executor_svc.server import serve
 from executor_svc.simulated_backend import SimulatedBackend
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 
 def make_backend(config: ExecutorConfig) -> ExecutorBackend:

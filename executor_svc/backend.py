@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from scheduler_svc.plan import StepPlan, StepResult
+from pagedserve.contract.plan import StepPlan, StepResult
 
 
 @dataclass(frozen=True, slots=True)

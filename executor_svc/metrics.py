@@ -1,6 +1,6 @@
 """One executor rank's Prometheus metrics: steps, forward and swap time, tokens and block movements.
 
-The gRPC servicer records each step after the backend ran it; `scheduler_svc.metrics_http` serves the
+The gRPC servicer records each step after the backend ran it; `pagedserve.metrics_http` serves the
 registry. Torch-free: it reads only the plan and result dataclasses.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from scheduler_svc.plan import StepPlan, StepResult
+from pagedserve.contract.plan import StepPlan, StepResult
 
 # Seconds. A forward pass ranges from sub-millisecond (tiny models, the simulated backend) to seconds
 # (big prefills); a step's swaps and copies are usually far shorter.

@@ -27,8 +27,8 @@ from executor_svc.models.base import CausalLM
 from executor_svc.roofline import DecodeRoofline
 from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow
 from executor_svc.transfer import to_device
-from scheduler_svc.plan import Sample, SequenceResult, SequenceWork, StepPlan, StepResult
-from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
+from pagedserve.contract.plan import Sample, SequenceResult, SequenceWork, StepPlan, StepResult
+from pagedserve.contract.sequence_registry import SequenceRegistry, SequenceState
 
 log = logging.getLogger("pagedserve.executor")
 # A sequence's samples, or why it has none.

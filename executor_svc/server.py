@@ -25,13 +25,13 @@ from executor_svc.backend import ExecutorBackend
 from executor_svc.config import ExecutorConfig
 from executor_svc.metrics import ExecutorMetrics
 from executor_svc.step_watchdog import StepWatchdog
+from pagedserve.contract.plan import MalformedPlanError
+from pagedserve.contract.plan_codec import error_result, plan_from_proto, result_to_proto
+from pagedserve.gc_policy import settle_heap
 from pagedserve.grpc_decoding import DecodeErrorInterceptor
+from pagedserve.metrics_http import metrics_url, start_metrics_server
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
-from scheduler_svc.gc_policy import settle_heap
-from scheduler_svc.metrics_http import metrics_url, start_metrics_server
-from scheduler_svc.plan import MalformedPlanError
-from scheduler_svc.plan_codec import error_result, plan_from_proto, result_to_proto
 
 log = logging.getLogger("pagedserve.executor")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExecutorService"].full_name

@@ -10,8 +10,8 @@ import time
 
 from executor_svc.backend import CacheDescription, ModelDescription
 from executor_svc.config import ExecutorConfig
-from scheduler_svc.plan import StepPlan, StepResult
-from scheduler_svc.simulator import SimulatedExecutor
+from executor_svc.simulator import SimulatedExecutor
+from pagedserve.contract.plan import StepPlan, StepResult
 
 _SLOT_BYTES = 8
 

@@ -1,7 +1,7 @@
 """Train the embedded default model: a small Hugging Face Llama trained on the Python standard library.
 
 PagedServe ships this model so `pagedserve serve` works on a machine with no model hub (see
-`scheduler_svc/default_model.py`). The script is self-contained and reproducible:
+`protos/pagedserve/default_model.py`). The script is self-contained and reproducible:
 
 1. corpus: every `*.py` file under `sysconfig.get_paths()["stdlib"]`, sorted by relative path, without
    test code, idlelib, site-packages and files that are not valid UTF-8; ~1% of files (chosen by a hash

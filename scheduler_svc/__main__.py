@@ -15,8 +15,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.server import serve
 
 

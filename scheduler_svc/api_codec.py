@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pagedserve.errors import InvalidArgumentError
 from pagedserve.v1 import generation_pb2 as pb
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.request_stream import ChoiceUpdate, StreamUpdate
 from scheduler_svc.sampling_params import EarlyStopping, SamplingParams, sampling_params_from_fields
 from scheduler_svc.sequence import FinishReason

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from scheduler_svc.plan import Sample
+from pagedserve.contract.plan import Sample
 from scheduler_svc.sampling_params import EarlyStopping
 from scheduler_svc.sequence import BeamHypothesis, FinishReason, Sequence, SequenceGroup
 

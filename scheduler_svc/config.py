@@ -7,9 +7,9 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from scheduler_svc.config_sources import add_config_arguments, config_from_sources
-from scheduler_svc.default_model import default_model_dir
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.config_sources import add_config_arguments, config_from_sources
+from pagedserve.default_model import default_model_dir
+from pagedserve.errors import InvalidArgumentError
 
 ENV_PREFIX = "PAGEDSERVE_"
 MAX_BLOCK_SIZE = 256

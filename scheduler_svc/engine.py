@@ -36,14 +36,14 @@ from typing import Any
 
 import grpc
 
+from pagedserve.contract.plan import StepPlan, StepResult
+from pagedserve.contract.plan_codec import ExecutorStepError, plan_to_proto, result_from_proto
+from pagedserve.errors import InvalidArgumentError, RequestErrorKind
 from pagedserve.v1 import executor_pb2 as pb
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.outputs import RequestOutput
-from scheduler_svc.plan import StepPlan, StepResult
-from scheduler_svc.plan_codec import ExecutorStepError, plan_to_proto, result_from_proto
 from scheduler_svc.request_stream import RequestStream
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler

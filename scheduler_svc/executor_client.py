@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from pagedserve.contract.plan import StepPlan, StepResult
+from pagedserve.contract.plan_codec import plan_to_proto, result_from_proto
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
-from scheduler_svc.plan import StepPlan, StepResult
-from scheduler_svc.plan_codec import plan_to_proto, result_from_proto
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 

@@ -1,6 +1,6 @@
 """The scheduler process's Prometheus metrics: queues, KV cache, step timing, tokens and request latency.
 
-The engine calls SchedulerMetrics' `record_*` / `set_*` methods; `scheduler_svc.metrics_http` serves
+The engine calls SchedulerMetrics' `record_*` / `set_*` methods; `pagedserve.metrics_http` serves
 the registry. Names follow Prometheus conventions: prefix `pagedserve_`, base units (seconds, ratios in
 [0, 1]), counters ending in `_total`. Torch-free, like the rest of the scheduler.
 """

@@ -28,10 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.chat_template import ChatRenderer, load_chat_template
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import Engine
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.frontend import TokenizerThread
 from scheduler_svc.openai_errors import OpenAIError, bad_request, from_submit_error, not_serving, unauthorized
 from scheduler_svc.openai_mapping import template_messages

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pagedserve.errors import InvalidArgumentError, RequestErrorKind
 from scheduler_svc.engine import QueueFullError, ShuttingDownError, UnavailableError
-from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
 
 # (HTTP status, OpenAI error type, code, gRPC status name) by what the engine raised.
 _SUBMIT_ERRORS: dict[type[Exception], tuple[int, str, str | None, str]] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.openai_schemas import (
     ChatCompletionRequest,
     ChatLogprobs,

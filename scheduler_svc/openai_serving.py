@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.chat_template import ChatRenderer
 from scheduler_svc.engine import Engine
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.frontend import TokenizerThread, follow
 from scheduler_svc.openai_errors import (
     SUBMIT_ERRORS,

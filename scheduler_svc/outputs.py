@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler_svc.errors import RequestErrorKind
+from pagedserve.errors import RequestErrorKind
 from scheduler_svc.sequence import FinishReason
 
 # (logprob of the chosen token, top-k alternatives as (token id, logprob) best first)
@@ -42,3 +42,30 @@ class RequestOutput:
     num_cached_prompt_tokens: int = 0   # prompt tokens found in the prefix cache (terminal report)
     # Seconds from arrival to first scheduling; None if the request never ran.
     queue_seconds: float | None = None
+
+
+@dataclass(slots=True)
+class FinishedRequest:
+    """A request's whole output, assembled from its streamed reports."""
+
+    request_id: str
+    token_ids: dict[int, list[int]] = field(default_factory=dict)      # output index -> tokens
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    error: str | None = None
+    finished: bool = False
+    cached_prompt_tokens: int = 0
+
+
+def collect(outputs: list[RequestOutput], into: dict[str, FinishedRequest]) -> None:
+    """Fold streamed reports into whole outputs; asserts one terminal report per request."""
+    for out in outputs:
+        done = into.setdefault(out.request_id, FinishedRequest(out.request_id))
+        assert not done.finished, f"{out.request_id}: report after its terminal report"
+        for c in out.outputs:
+            done.token_ids.setdefault(c.index, []).extend(c.token_ids)
+            if c.finish_reason is not None:
+                done.finish_reasons[c.index] = c.finish_reason.value
+        done.error = out.error
+        done.finished = out.finished
+        if out.finished:
+            done.cached_prompt_tokens = out.num_cached_prompt_tokens

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.errors import RequestErrorKind
 from scheduler_svc.detokenizer import IncrementalDetokenizer, decode_whole
-from scheduler_svc.errors import RequestErrorKind
 from scheduler_svc.outputs import CompletionOutput, RequestOutput
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 # Top-k logprobs a request may ask for; beam search asks the executor for 2 x width on its own.
 MAX_LOGPROBS = 20

@@ -19,12 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from scheduler_svc.beam_search import select_beams
-from scheduler_svc.block_manager import AllocStatus, BlockManager
-from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError, PlanResultMismatchError, RequestErrorKind
-from scheduler_svc.outputs import CompletionOutput, RequestOutput
-from scheduler_svc.plan import (
+from pagedserve.contract.plan import (
     Sample,
     SequenceFork,
     SequenceResult,
@@ -33,6 +28,11 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
+from pagedserve.errors import InvalidArgumentError, PlanResultMismatchError, RequestErrorKind
+from scheduler_svc.beam_search import select_beams
+from scheduler_svc.block_manager import AllocStatus, BlockManager
+from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
+from scheduler_svc.outputs import CompletionOutput, RequestOutput
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason, Sequence, SequenceGroup, SequenceStatus
 from scheduler_svc.stats import SchedulerStats

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from scheduler_svc.errors import RequestErrorKind
+from pagedserve.errors import RequestErrorKind
 from scheduler_svc.sampling_params import SamplingParams
 
 

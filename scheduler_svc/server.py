@@ -21,19 +21,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagedserve.default_model import default_model_dir
+from pagedserve.errors import InvalidArgumentError, RequestErrorKind
+from pagedserve.gc_policy import settle_heap
 from pagedserve.grpc_decoding import DecodeErrorInterceptor
+from pagedserve.metrics_http import start_metrics_server
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
 from scheduler_svc.api_codec import ParsedRequest, parse_request, response_to_proto
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.default_model import default_model_dir
 from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
-from scheduler_svc.errors import InvalidArgumentError, RequestErrorKind
 from scheduler_svc.frontend import TokenizerThread, follow
-from scheduler_svc.gc_policy import settle_heap
 from scheduler_svc.http_server import HttpServer
 from scheduler_svc.metrics import SchedulerMetrics
-from scheduler_svc.metrics_http import start_metrics_server
 from scheduler_svc.openai_api import build_app
 from scheduler_svc.tokenizer import load_tokenizer
 

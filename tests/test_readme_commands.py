@@ -26,7 +26,7 @@ def test_the_run_command_serves_the_embedded_model_and_streams_a_completion():
     import shlex
 
     from clients.cli import build_parser
-    from scheduler_svc.default_model import default_model_dir
+    from pagedserve.default_model import default_model_dir
 
     run = readme_commands()[0]
     assert "torch==2.13.0" in run and "[executor]" in run     # the CPU torch before the executor extra

@@ -43,8 +43,8 @@ from clients.loadgen import WorkloadSpec  # noqa: E402
 from clients.stack import LocalStack, ServiceSpec, config_environment, free_port  # noqa: E402
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX  # noqa: E402
 from executor_svc.config import ExecutorConfig  # noqa: E402
+from pagedserve.default_model import default_model_dir  # noqa: E402
 from scheduler_svc.config import ENV_PREFIX, PreemptionPolicy, ReservationMode, SchedulerConfig  # noqa: E402
-from scheduler_svc.default_model import default_model_dir  # noqa: E402
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,

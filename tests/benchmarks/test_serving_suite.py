@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from clients.loadgen import WorkloadSpec, build_load_requests
-from scheduler_svc.default_model import default_model_dir
+from pagedserve.default_model import default_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ from clients import bench_command
 from clients.bench_command import parse_rates
 from clients.cli import main as pagedserve
 from clients.loadgen import WorkloadSpec, build_load_requests
-from scheduler_svc.default_model import default_model_dir
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.default_model import default_model_dir
+from pagedserve.errors import InvalidArgumentError
 from tests.e2e.e2e_stack import RunningStack, require_model
 
 # A small KV pool and a short profiling step: each stack starts in a few seconds on CPU.

@@ -10,7 +10,7 @@ import pytest
 from clients import bench_report
 from clients.bench_records import ClientSummary, Failure, Percentiles, RequestRecord, summarize
 from clients.server_metrics import ServerStats
-from scheduler_svc.errors import RequestErrorKind
+from pagedserve.errors import RequestErrorKind
 
 NAN = math.nan
 

@@ -25,7 +25,7 @@ from clients.loadgen import (
 from clients.progress import Progress
 from clients.request_builder import build_generate_request
 from clients.traces import alpaca_like, sharegpt_like, with_poisson_arrivals
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 VOCAB = 4096
 

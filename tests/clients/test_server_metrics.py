@@ -8,8 +8,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from clients.server_metrics import ServerStats, parse_samples, scrape
+from pagedserve.metrics_http import metrics_url, start_metrics_server
 from scheduler_svc.metrics import SchedulerMetrics
-from scheduler_svc.metrics_http import metrics_url, start_metrics_server
 from scheduler_svc.stats import SchedulerStats
 
 PAGE = """\

@@ -17,9 +17,9 @@ import pytest
 
 from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX
 from executor_svc.config import ExecutorConfig
+from pagedserve.default_model import DEFAULT_MODEL_NAME
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_PREFIX
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.default_model import DEFAULT_MODEL_NAME
 from tests.docker.deployment_files import DOCKER, REPO, image_path_on_host, read_dockerfile, require_tool
 
 SCHEDULER = DOCKER / "scheduler.Dockerfile"

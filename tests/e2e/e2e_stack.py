@@ -15,7 +15,7 @@ from clients.cli import build_parser
 from clients.client import PagedServeClient
 from clients.serve_command import build_configs
 from clients.stack import LocalStack, stack_specs
-from scheduler_svc.default_model import default_model_dir
+from pagedserve.default_model import default_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = Path(default_model_dir())

@@ -21,10 +21,10 @@ from clients.client import AsyncPagedServeClient, PagedServeError
 from executor_svc.config import ExecutorConfig
 from executor_svc.server import start_server
 from executor_svc.simulated_backend import SimulatedBackend
+from pagedserve.contract.plan import StepPlan, StepResult
 from pagedserve.v1 import executor_pb2 as pb
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.executor_link import ExecutorLink
-from scheduler_svc.plan import StepPlan, StepResult
 from scheduler_svc.server import SchedulerServer
 
 STEP_TIMEOUT = 1.5

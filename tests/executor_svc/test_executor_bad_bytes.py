@@ -22,13 +22,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
+from pagedserve.contract.plan_codec import plan_to_proto, result_from_proto
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.plan_codec import plan_to_proto, result_from_proto
+from scheduler_svc.outputs import collect
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.simulator import collect
 from tests.wire_fuzz import (
     CASES,
     CHECK,

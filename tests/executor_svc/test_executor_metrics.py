@@ -14,10 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from executor_svc.config import ExecutorConfig
 from executor_svc.metrics import ExecutorMetrics
-from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError
-from scheduler_svc.executor_client import ExecutorClient
-from scheduler_svc.plan import (
+from pagedserve.contract.plan import (
     Sample,
     SequenceResult,
     SequenceStart,
@@ -25,7 +22,10 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
-from scheduler_svc.plan_codec import ExecutorStepError
+from pagedserve.contract.plan_codec import ExecutorStepError
+from pagedserve.errors import InvalidArgumentError
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.executor_client import ExecutorClient
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from tests.prometheus_server import promtool_check_metrics

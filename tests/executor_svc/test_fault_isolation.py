@@ -17,15 +17,14 @@ from executor_svc.config import ExecutorConfig  # noqa: E402
 from executor_svc.model_backend import ModelBackend  # noqa: E402
 from executor_svc.runner import ModelRunner  # noqa: E402
 from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow  # noqa: E402
+from pagedserve.contract.plan import StepPlan, StepResult  # noqa: E402
+from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto, result_from_proto, result_to_proto  # noqa: E402
+from pagedserve.default_model import default_model_dir  # noqa: E402
+from pagedserve.errors import RequestErrorKind  # noqa: E402
 from scheduler_svc.config import SchedulerConfig  # noqa: E402
-from scheduler_svc.default_model import default_model_dir  # noqa: E402
-from scheduler_svc.errors import RequestErrorKind  # noqa: E402
-from scheduler_svc.outputs import RequestOutput  # noqa: E402
-from scheduler_svc.plan import StepPlan, StepResult  # noqa: E402
-from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto, result_from_proto, result_to_proto  # noqa: E402
+from scheduler_svc.outputs import FinishedRequest, RequestOutput, collect  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
-from scheduler_svc.simulator import FinishedRequest, collect  # noqa: E402
 
 BLOCK = 16
 VICTIM = "victim"

@@ -15,13 +15,13 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_models import VOCAB, build_hf_model, tiny_config  # noqa: E402
 
+from pagedserve.contract.plan import SequenceStart, SequenceWork, StepPlan  # noqa: E402
+from pagedserve.contract.plan_codec import ExecutorStepError  # noqa: E402
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig  # noqa: E402
 from scheduler_svc.executor_client import ExecutorClient  # noqa: E402
-from scheduler_svc.plan import SequenceStart, SequenceWork, StepPlan  # noqa: E402
-from scheduler_svc.plan_codec import ExecutorStepError  # noqa: E402
+from scheduler_svc.outputs import collect  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
-from scheduler_svc.simulator import collect  # noqa: E402
 
 BLOCK_SIZE = 4
 MAX_NEW = 12

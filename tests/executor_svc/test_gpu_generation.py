@@ -44,9 +44,9 @@ from executor_svc import ops  # noqa: E402
 from executor_svc.attention import FLASH_PREFILL_MIN_QUERY_LEN  # noqa: E402
 from executor_svc.config import ExecutorConfig  # noqa: E402
 from executor_svc.model_backend import ModelBackend  # noqa: E402
+from pagedserve.contract.plan import StepPlan, StepResult  # noqa: E402
 from scheduler_svc.config import SchedulerConfig  # noqa: E402
 from scheduler_svc.outputs import RequestOutput, TokenLogprobs  # noqa: E402
-from scheduler_svc.plan import StepPlan, StepResult  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
 

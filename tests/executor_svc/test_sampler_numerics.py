@@ -14,12 +14,12 @@ torch = pytest.importorskip("torch")
 
 from executor_svc.runner import ModelRunner  # noqa: E402
 from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow  # noqa: E402
+from pagedserve.contract.plan import StepPlan  # noqa: E402
+from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto  # noqa: E402
+from pagedserve.contract.sequence_registry import SequenceState  # noqa: E402
 from scheduler_svc.config import SchedulerConfig  # noqa: E402
-from scheduler_svc.plan import StepPlan  # noqa: E402
-from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
-from scheduler_svc.sequence_registry import SequenceState  # noqa: E402
 from tests.sampling_strategies import FLOAT32_MAX, FLOAT64_MAX, accepted_sampling_params  # noqa: E402
 
 SAMPLER = Sampler()

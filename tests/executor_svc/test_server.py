@@ -4,20 +4,21 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pagedserve.v1 import executor_pb2 as pb
-from pagedserve.v1 import executor_pb2_grpc
-from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.executor_client import ExecutorClient
-from scheduler_svc.plan_codec import (
+from executor_svc.simulator import SimulatedExecutor
+from pagedserve.contract.plan_codec import (
     ExecutorStepError,
     plan_from_proto,
     plan_to_proto,
     result_from_proto,
     result_to_proto,
 )
+from pagedserve.v1 import executor_pb2 as pb
+from pagedserve.v1 import executor_pb2_grpc
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.executor_client import ExecutorClient
+from scheduler_svc.outputs import collect
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.simulator import SimulatedExecutor, collect
 
 BLOCK = 4
 

@@ -24,9 +24,9 @@ from tiny_models import VOCAB, build_hf_model, tiny_config  # noqa: E402
 
 from executor_svc.config import ExecutorConfig  # noqa: E402
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig  # noqa: E402
+from scheduler_svc.outputs import collect  # noqa: E402
 from scheduler_svc.sampling_params import SamplingParams  # noqa: E402
 from scheduler_svc.scheduler import Scheduler  # noqa: E402
-from scheduler_svc.simulator import collect  # noqa: E402
 
 BLOCK_SIZE = 4
 NUM_GPU_BLOCKS = 14         # small: requests are swapped out and back in
@@ -167,7 +167,7 @@ def test_a_single_rank_joins_no_group():
                                               ("distributed_backend", "mpi"),
                                               ("distributed_timeout_seconds", 0.0)])
 def test_bad_distributed_settings_name_the_field(field, value):
-    from scheduler_svc.errors import InvalidArgumentError
+    from pagedserve.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match=field):
         ExecutorConfig(**{field: value})

@@ -1,7 +1,8 @@
 """The gRPC API under protos/: stubs import, messages round-trip, enums and docs follow the API rules.
 
 The rules (DESIGN.md section 4): one versioned package, every element documented, enum zero values
-`<ENUM_PREFIX>_UNSPECIFIED`; the executor messages mirror scheduler_svc/plan.py field for field.
+`<ENUM_PREFIX>_UNSPECIFIED`; the executor messages mirror protos/pagedserve/contract/plan.py field for
+field.
 """
 
 from __future__ import annotations
@@ -481,7 +482,7 @@ _PLAN_MIRRORS = [
 def test_executor_messages_mirror_plan_dataclasses(
     dataclass_name: str, message_name: str, extra: tuple[str, ...]
 ) -> None:
-    from scheduler_svc import plan
+    from pagedserve.contract import plan
 
     names = _constructor_fields(getattr(plan, dataclass_name))
     proto_names = [f.name for f in executor_pb2.DESCRIPTOR.message_types_by_name[message_name].fields]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 
+from executor_svc.simulator import SimulatedExecutor
+from pagedserve.contract.plan import StepPlan, StepResult
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.outputs import RequestOutput
-from scheduler_svc.plan import StepPlan, StepResult
+from scheduler_svc.outputs import FinishedRequest, RequestOutput, collect
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.simulator import FinishedRequest, SimulatedExecutor, collect
 
 EOS = 2
 VOCAB = 100

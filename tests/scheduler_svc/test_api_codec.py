@@ -3,9 +3,9 @@
 import pytest
 
 from clients.request_builder import build_generate_request
+from pagedserve.errors import InvalidArgumentError
 from pagedserve.v1 import generation_pb2 as pb
 from scheduler_svc.api_codec import EARLY_STOPPING_FROM_PROTO, parse_request, sampling_params_from_proto
-from scheduler_svc.errors import InvalidArgumentError
 
 
 def over_the_wire(**sampling: object):

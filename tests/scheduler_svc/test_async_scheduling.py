@@ -7,8 +7,7 @@ their outputs equal; these tests pin the individual rules.
 import pytest
 from sim_harness import EOS, Harness
 
-from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.plan import (
+from pagedserve.contract.plan import (
     MalformedPlanError,
     Sample,
     SequenceResult,
@@ -17,11 +16,12 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
-from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto
+from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto
+from pagedserve.contract.sequence_registry import SequenceRegistry
+from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import FinishReason
-from scheduler_svc.sequence_registry import SequenceRegistry
 
 
 def answer(plan: StepPlan, token: int = 7) -> StepResult:

@@ -7,11 +7,11 @@ model whose candidates are chosen so that True, False and "never" each return so
 import pytest
 from sim_harness import EOS, VOCAB, Harness
 
+from executor_svc.simulator import SimulatedExecutor
+from pagedserve.contract.plan import Sample
 from scheduler_svc.beam_search import beam_score, best_attainable_score, scored_length, search_is_done
-from scheduler_svc.plan import Sample
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import FinishReason
-from scheduler_svc.simulator import SimulatedExecutor
 
 # ---- the pure rules ------------------------------------------------------------------------------
 

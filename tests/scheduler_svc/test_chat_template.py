@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pagedserve.default_model import default_model_dir
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.chat_template import ChatRenderer, load_chat_template
-from scheduler_svc.default_model import default_model_dir
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.tokenizer import encode_prompt, load_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Python 3"},

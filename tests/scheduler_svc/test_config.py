@@ -4,8 +4,8 @@ import argparse
 
 import pytest
 
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.config import PreemptionPolicy, ReservationMode, SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import generate_latest
 from sim_harness import Harness
 
+from pagedserve.metrics_http import metrics_url, start_metrics_server
 from scheduler_svc.metrics import (
     E2E_BUCKETS,
     FINISH_REASONS,
@@ -18,7 +19,6 @@ from scheduler_svc.metrics import (
     TTFT_BUCKETS,
     SchedulerMetrics,
 )
-from scheduler_svc.metrics_http import metrics_url, start_metrics_server
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.stats import SchedulerStats
 from tests.prometheus_server import promtool_check_metrics

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from clients.request_builder import build_generate_request
+from pagedserve.errors import InvalidArgumentError
 from pagedserve.v1 import generation_pb2 as pb
 from scheduler_svc.api_codec import parse_request
-from scheduler_svc.errors import InvalidArgumentError
 from scheduler_svc.openai_errors import OpenAIError, from_submit_error
 from scheduler_svc.openai_mapping import (
     CompletionLogprobsWriter,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 from sim_harness import Harness
 
+from pagedserve.contract.plan import SequenceStart, SequenceWork, StepPlan
+from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto
+from pagedserve.contract.plan_validation import validate_plan
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import PreemptionPolicy, ReservationMode, SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError
-from scheduler_svc.plan import SequenceStart, SequenceWork, StepPlan
-from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto
-from scheduler_svc.plan_validation import validate_plan
 from scheduler_svc.prefix_cache import ROOT, PrefixCache
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.sequence import Sequence

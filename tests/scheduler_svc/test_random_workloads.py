@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from sim_harness import Harness
 
 from scheduler_svc.config import PreemptionPolicy, ReservationMode
+from scheduler_svc.outputs import collect
 from scheduler_svc.sampling_params import SamplingParams
-from scheduler_svc.simulator import collect
 
 MAX_MODEL_LEN = 64
 

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from scheduler_svc.default_model import default_model_dir
-from scheduler_svc.errors import RequestErrorKind
+from pagedserve.default_model import default_model_dir
+from pagedserve.errors import RequestErrorKind
 from scheduler_svc.outputs import CompletionOutput, RequestOutput
 from scheduler_svc.request_stream import RequestStream, StreamUpdate
 from scheduler_svc.sampling_params import SamplingParams

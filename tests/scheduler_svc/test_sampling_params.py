@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.sampling_params import SamplingParams
 
 

@@ -3,9 +3,9 @@
 import pytest
 from sim_harness import EOS, Harness
 
+from pagedserve.contract.plan import Sample, SequenceResult, StepPlan, StepResult
+from pagedserve.errors import InvalidArgumentError, PlanResultMismatchError
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
-from scheduler_svc.errors import InvalidArgumentError, PlanResultMismatchError
-from scheduler_svc.plan import Sample, SequenceResult, StepPlan, StepResult
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import FinishReason, SequenceStatus
@@ -360,7 +360,7 @@ def test_executor_loss_requeues_everything_and_outputs_do_not_change(lost_at_ste
 
 
 def test_fail_requests_ends_them_with_an_error_kind_and_frees_their_blocks():
-    from scheduler_svc.errors import RequestErrorKind
+    from pagedserve.errors import RequestErrorKind
 
     s = scheduler(max_num_seqs=1)
     s.add_request("a", prompt(6), SamplingParams())

@@ -3,9 +3,9 @@
 import pytest
 from sim_harness import EOS, Harness
 
+from pagedserve.contract.plan import SequenceStart
 from scheduler_svc.beam_search import beam_score
 from scheduler_svc.config import ReservationMode
-from scheduler_svc.plan import SequenceStart
 from scheduler_svc.sampling_params import SamplingParams
 
 PROMPT = [11, 12, 13, 14, 15, 16]       # 6 tokens: one full block of 4 and a shared partial one

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pagedserve.v1 import executor_pb2 as pb
-from scheduler_svc.plan import (
+from pagedserve.contract.plan import (
     Sample,
     SequenceFork,
     SequenceResult,
@@ -12,6 +11,7 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
+from pagedserve.v1 import executor_pb2 as pb
 
 _START_FIELDS = ("request_id", "num_prompt_tokens", "seed", "sample_index", "temperature", "top_p", "top_k",
                  "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens")

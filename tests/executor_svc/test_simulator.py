@@ -2,8 +2,8 @@
 
 import pytest
 
-from scheduler_svc.plan import MalformedPlanError, SequenceStart, SequenceWork, StepPlan
-from scheduler_svc.simulator import SimulatedExecutor, SimulationError
+from executor_svc.simulator import SimulatedExecutor, SimulationError
+from pagedserve.contract.plan import MalformedPlanError, SequenceStart, SequenceWork, StepPlan
 
 START = SequenceStart("r", num_prompt_tokens=5, seed=1, sample_index=0)
 

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "stdlib-llama"
-_REPO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / DEFAULT_MODEL_NAME
+# protos/pagedserve/default_model.py: the repository root is two folders up.
+_REPO_MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
 
 
 def default_model_dir() -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler_svc.plan import SequenceFork, SequenceStart, SequenceWork, StepPlan
-from scheduler_svc.plan_validation import validate_plan
+from pagedserve.contract.plan import SequenceFork, SequenceStart, SequenceWork, StepPlan
+from pagedserve.contract.plan_validation import validate_plan
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from scheduler_svc.errors import InvalidArgumentError
+from pagedserve.errors import InvalidArgumentError
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 
-from scheduler_svc.gc_policy import GEN0_THRESHOLD, GEN1_THRESHOLD, GEN2_THRESHOLD, settle_heap
+from pagedserve.gc_policy import GEN0_THRESHOLD, GEN1_THRESHOLD, GEN2_THRESHOLD, settle_heap
 
 
 @pytest.fixture

@@ -11,10 +11,7 @@ Used by the tests, `pagedserve simulate` and the scheduler benchmark.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from scheduler_svc.outputs import RequestOutput
-from scheduler_svc.plan import (
+from pagedserve.contract.plan import (
     Sample,
     SequenceResult,
     SequenceStart,
@@ -22,7 +19,7 @@ from scheduler_svc.plan import (
     StepPlan,
     StepResult,
 )
-from scheduler_svc.sequence_registry import SequenceRegistry, SequenceState
+from pagedserve.contract.sequence_registry import SequenceRegistry, SequenceState
 
 _MASK = (1 << 64) - 1
 _EMPTY = -1
@@ -154,29 +151,3 @@ class SimulatedExecutor:
             lp -= ((x >> 40) % 1000) / 1000.0 + 0.001
             candidates.append((alt, lp))
         return Sample(token, logprob, tuple(candidates[:num_logprobs]))
-
-@dataclass(slots=True)
-class FinishedRequest:
-    """A request's whole output, assembled from its streamed reports."""
-
-    request_id: str
-    token_ids: dict[int, list[int]] = field(default_factory=dict)      # output index -> tokens
-    finish_reasons: dict[int, str] = field(default_factory=dict)
-    error: str | None = None
-    finished: bool = False
-    cached_prompt_tokens: int = 0
-
-
-def collect(outputs: list[RequestOutput], into: dict[str, FinishedRequest]) -> None:
-    """Fold streamed reports into whole outputs; asserts one terminal report per request."""
-    for out in outputs:
-        done = into.setdefault(out.request_id, FinishedRequest(out.request_id))
-        assert not done.finished, f"{out.request_id}: report after its terminal report"
-        for c in out.outputs:
-            done.token_ids.setdefault(c.index, []).extend(c.token_ids)
-            if c.finish_reason is not None:
-                done.finish_reasons[c.index] = c.finish_reason.value
-        done.error = out.error
-        done.finished = out.finished
-        if out.finished:
-            done.cached_prompt_tokens = out.num_cached_prompt_tokens

@@ -1,4 +1,4 @@
-"""Errors the scheduler raises, each one telling the caller what to change."""
+"""Errors the services raise, each one telling the caller what to change."""
 
 from __future__ import annotations
 

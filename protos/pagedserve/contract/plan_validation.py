@@ -6,7 +6,7 @@ raises MalformedPlanError and changes nothing.
 
 from __future__ import annotations
 
-from scheduler_svc.plan import MalformedPlanError, SequenceWork, StepPlan
+from pagedserve.contract.plan import MalformedPlanError, SequenceWork, StepPlan
 
 # Per known sequence: (tokens whose K/V are cached, entries of its block table, whether it holds a
 # sample from its last step that a plan may feed back).

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from executor_svc.simulator import SimulatedExecutor
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.simulator import SimulatedExecutor
 
 
 @dataclass(frozen=True, slots=True)

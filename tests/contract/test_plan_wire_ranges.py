@@ -13,9 +13,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pagedserve.contract.plan import SequenceStart, SequenceWork, StepPlan
+from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.plan import SequenceStart, SequenceWork, StepPlan
-from scheduler_svc.plan_codec import plan_from_proto, plan_to_proto
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
 from tests.sampling_strategies import FLOAT32_MAX, FLOAT64_MAX, accepted_sampling_params, as_float32
