@@ -19,10 +19,14 @@ class BlockAllocator:
     With a prefix cache, a cached block that loses its last reference is parked there instead of
     joining the free list: it still counts as free, and is evicted (its contents forgotten) only when
     no plain free block is left.
+
+    Ids from `fresh` up have never been handed out: they are free without being listed, and
+    `ref_counts` and `fill` cover only the ids below it, so a pool of millions of blocks (the simulated
+    executor's swap space holds 33.5M at the default 4 GiB) costs nothing until it is used.
     """
 
-    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "num_blocks", "prefix_cache",
-                 "ref_counts", "total_refs")
+    __slots__ = ("block_size", "device", "fill", "filled_slots", "free_ids", "fresh", "num_blocks",
+                 "prefix_cache", "ref_counts", "total_refs")
 
     def __init__(self, device: str, num_blocks: int, block_size: int,
                  prefix_cache: PrefixCache | None = None) -> None:
@@ -31,10 +35,12 @@ class BlockAllocator:
         self.device = device
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # A stack: popping hands out the lowest free ids first, which keeps runs readable in tests.
-        self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.ref_counts: list[int] = [0] * num_blocks
-        self.fill: list[int] = [0] * num_blocks
+        # Ids handed back, a stack reused before any fresh id; fresh ids go out lowest first. Together
+        # that is the order of one stack of every id from the lowest, which keeps runs readable in tests.
+        self.free_ids: list[int] = []
+        self.fresh = 0
+        self.ref_counts: list[int] = []
+        self.fill: list[int] = []
         self.filled_slots = 0
         self.total_refs = 0     # block-table entries pointing into the pool: the blocks used without sharing
         self.prefix_cache = prefix_cache
@@ -43,7 +49,8 @@ class BlockAllocator:
     def num_free(self) -> int:
         """Blocks with no reference (cached ones included: they are evicted on demand)."""
         cache = self.prefix_cache
-        return len(self.free_ids) + (len(cache.evictable) if cache is not None else 0)
+        fresh = self.num_blocks - self.fresh
+        return len(self.free_ids) + fresh + (len(cache.evictable) if cache is not None else 0)
 
     @property
     def num_used(self) -> int:
@@ -55,6 +62,11 @@ class BlockAllocator:
         cached block (whose contents are then forgotten)."""
         if self.free_ids:
             block = self.free_ids.pop()
+        elif self.fresh < self.num_blocks:
+            block = self.fresh
+            self.fresh += 1
+            self.ref_counts.append(0)
+            self.fill.append(0)
         elif self.prefix_cache is not None and self.prefix_cache.evictable:
             block = self.prefix_cache.evict()
         else:
@@ -117,13 +129,18 @@ class BlockAllocator:
         """
         free = set(self.free_ids)
         assert len(free) == len(self.free_ids), f"{self.device}: a block id is free twice"
+        assert len(self.ref_counts) == len(self.fill) == self.fresh <= self.num_blocks, (
+            f"{self.device}: {self.fresh} ids handed out, but {len(self.ref_counts)} counted")
+        never = [block for block in expected_refs if block >= self.fresh]
+        assert not never, f"{self.device} blocks {never[:5]} are in tables but were never handed out"
         if self.prefix_cache is not None:
             self.prefix_cache.check_integrity(self.ref_counts)
             assert not free & set(self.prefix_cache.evictable), f"{self.device}: a parked block is free too"
             free |= set(self.prefix_cache.evictable)
         used = sum(1 for c in self.ref_counts if c > 0)
-        assert len(free) + used == self.num_blocks, (
-            f"{self.device}: free {len(free)} + used {used} != total {self.num_blocks}")
+        fresh = self.num_blocks - self.fresh
+        assert len(free) + fresh + used == self.num_blocks, (
+            f"{self.device}: free {len(free)} + never used {fresh} + used {used} != total {self.num_blocks}")
         for block, count in enumerate(self.ref_counts):
             want = expected_refs.get(block, 0)
             assert count == want, f"{self.device} block {block}: ref count {count}, tables hold {want}"

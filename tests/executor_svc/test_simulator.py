@@ -64,3 +64,15 @@ def test_a_rejected_plan_changes_nothing():
         executor.execute(bad)
     after = (executor.gpu, executor.cpu, {k: v.token_ids for k, v in executor.seqs.items()})
     assert after == before
+
+
+def test_a_huge_swap_space_holds_only_what_was_swapped_out():
+    """The default 4 GiB swap space is 33.5M simulated blocks: none is built until a swap-out writes it."""
+    executor = SimulatedExecutor(8, 2**25, 4)
+    assert len(executor.cpu) == 0
+    prefill(executor, [0, 1])
+    executor.execute(StepPlan(2, swap_out=[(0, 2**25 - 1), (1, 7)]))
+    assert sorted(executor.cpu) == [7, 2**25 - 1]
+    executor.execute(StepPlan(3, swap_in=[(2**25 - 1, 4), (7, 5)]))
+    decode = SequenceWork(1, [15], 5, 0, [4, 5], 1, 0)     # reads the context back from the swapped-in blocks
+    assert executor.execute(StepPlan(4, sequences=[decode])).sequences[0].samples
