@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
 from pagedserve.config_sources import add_config_arguments, config_from_sources
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.logs import add_logging_arguments, configure_logging, logging_environment
 from scheduler_svc.config import SchedulerConfig
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo-prompt", default=None, metavar="TEXT",
                         help="once serving, stream a completion of TEXT to stdout")
     parser.add_argument("--demo-max-tokens", type=int, default=64, help="tokens of the demo completion")
+    add_logging_arguments(parser)
     add_stack_arguments(parser)
 
 
@@ -95,6 +98,9 @@ def run_demo(target: str, prompt: str, max_tokens: int, config: SchedulerConfig)
 
 def run(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM."""
+    configure_logging(args.log_level, args.log_format)
+    # The services inherit our environment: the same level and format for every line of the stack.
+    os.environ.update(logging_environment(args.log_level, args.log_format))
     scheduler, executors = build_configs(args)
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
                        liveness_timeout=scheduler.executor_health_timeout_seconds)
@@ -106,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         stack.wait_ready(READY_TIMEOUT_SECONDS)
         http = stack.processes["scheduler"].http_address
         api = f" (gRPC) and http://{http}/v1 (OpenAI-compatible HTTP)" if http else ""
-        print(f"pagedserve serve: serving on {address}{api} with {len(executors)} executor(s); Ctrl-C stops",
-              file=sys.stderr, flush=True)
+        _status(f"serving on {address}{api} with {len(executors)} executor(s); Ctrl-C stops",
+                args.log_format)
         if args.demo_prompt:
             run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler)
         while not stack.failed:
@@ -115,10 +121,18 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         code = 0
     except (TimeoutError, RuntimeError) as err:
-        print(f"pagedserve serve: {err}", file=sys.stderr)
+        _status(str(err), args.log_format, logging.ERROR)
     finally:
         stopped = stack.stop()
     return code if code else stopped
+
+
+def _status(message: str, log_format: str, level: int = logging.INFO) -> None:
+    """A launcher status line: plain on stderr, or a JSON log record when every line must be one."""
+    if log_format == "json":
+        log.log(level, "%s", message)
+    else:
+        print(f"pagedserve serve: {message}", file=sys.stderr, flush=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

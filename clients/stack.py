@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import os
 import re
@@ -36,7 +37,8 @@ log = logging.getLogger("pagedserve.serve")
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 HTTP = re.compile(r"http on https?://(\S+):(\d+)")      # the scheduler's OpenAI-compatible API
-READY = re.compile(r"pagedserve\.engine: serving ")      # the scheduler's executors are all up
+# The scheduler's executors are all up; the second form is the line as --log-format json writes it.
+READY = re.compile(r'pagedserve\.engine(?:: |", "message": ")serving ')
 RESTART_DELAY_SECONDS = 1.0
 STOP_TIMEOUT_SECONDS = 60.0
 LIVENESS_PROBE_INTERVAL_SECONDS = 1.0
@@ -105,6 +107,15 @@ class ManagedProcess:
     last_alive: float = field(default_factory=time.monotonic)   # last SERVING health answer (or start)
 
 
+def labelled_line(service: str, line: str) -> str:
+    """A child's log line marked with its service: `[name] line`, or for a JSON line (--log-format json)
+    the same object with a "service" key first, so that every line stays one JSON object."""
+    body = line.rstrip()
+    if body.startswith("{") and body.endswith("}") and body != "{}":
+        return f'{{"service": {json.dumps(service)}, {line[1:]}'
+    return f"[{service}] {line}"
+
+
 class LocalStack:
     """Runs the services, forwards their logs, restarts dead executors, and stops everything.
 
@@ -156,7 +167,7 @@ class LocalStack:
                 managed.http_address = f"{match.group(1)}:{match.group(2)}"
             elif READY.search(line) is not None:
                 managed.ready.set()
-            sys.stderr.write(f"[{managed.spec.name}] {line}")
+            sys.stderr.write(labelled_line(managed.spec.name, line))
             sys.stderr.flush()
 
     def _watch(self) -> None:

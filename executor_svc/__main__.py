@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -13,6 +12,7 @@ from executor_svc.config import Backend, ExecutorConfig
 from executor_svc.server import serve
 from executor_svc.simulated_backend import SimulatedBackend
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.logs import add_logging_arguments, configure_logging
 
 
 def make_backend(config: ExecutorConfig) -> ExecutorBackend:
@@ -28,10 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pagedserve-executor` console script."""
     parser = argparse.ArgumentParser(prog="pagedserve-executor", description=__doc__)
     ExecutorConfig.add_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         config = ExecutorConfig.from_sources(args)
         asyncio.run(serve(config, make_backend(config)))

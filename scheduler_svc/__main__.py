@@ -11,29 +11,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.logs import add_logging_arguments, configure_logging
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `pagedserve-scheduler` parser: every SchedulerConfig field plus --log-level."""
+    """The `pagedserve-scheduler` parser: every SchedulerConfig field plus --log-level and --log-format."""
     parser = argparse.ArgumentParser(prog="pagedserve-scheduler", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     SchedulerConfig.add_arguments(parser)
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pagedserve-scheduler` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         config = SchedulerConfig.from_sources(args)
         return asyncio.run(serve(config))

@@ -44,6 +44,7 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.outputs import RequestOutput
+from scheduler_svc.request_log import RequestSummary, log_request_ended
 from scheduler_svc.request_stream import RequestStream
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.scheduler import Scheduler
@@ -477,8 +478,13 @@ class Engine:
             reason = "aborted"
         else:       # several outputs may end differently: count the request once, by its lowest index
             reason = ended[0][1].value if ended else "length"
-        self.metrics.record_request_finished(reason, time.monotonic() - stream.arrival_time,
-                                             output.queue_seconds)
+        now = time.monotonic()
+        self.metrics.record_request_finished(reason, now - stream.arrival_time, output.queue_seconds)
+        first = stream.first_token_time
+        log_request_ended(RequestSummary(
+            stream.request_id, reason, output.num_prompt_tokens or len(stream.prompt_token_ids),
+            output.num_generated_tokens, None if first is None else first - stream.arrival_time,
+            now - stream.arrival_time, output.num_preemptions))
 
     # ---- recovery --------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from scheduler_svc.openai_schemas import (
     TokenizeResponse,
 )
 from scheduler_svc.openai_serving import EventStream, OpenAIServing
+from scheduler_svc.request_log import log_request_refused
 
 log = logging.getLogger("pagedserve.http")
 M = TypeVar("M", bound=BaseModel)
@@ -226,8 +227,7 @@ def _add_error_handlers(app: FastAPI, engine: Engine) -> None:
         assert isinstance(err, OpenAIError)
         if err.grpc_code is not None:
             engine.metrics.record_request_rejected(err.grpc_code)
-            log.warning("request %s refused: %s %d: %s", request.url.path, err.grpc_code, err.status,
-                        err.message)
+            log_request_refused("", err.grpc_code, f"{request.url.path} HTTP {err.status}: {err.message}")
         return JSONResponse(err.body(), status_code=err.status)
 
     async def http_error(request: Request, err: Exception) -> Response:

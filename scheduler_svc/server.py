@@ -28,6 +28,7 @@ from pagedserve.grpc_decoding import DecodeErrorInterceptor
 from pagedserve.metrics_http import start_metrics_server
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
+from scheduler_svc import request_log
 from scheduler_svc.api_codec import ParsedRequest, parse_request, response_to_proto
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
@@ -139,7 +140,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 def log_request_refused(request_id: str, code: grpc.StatusCode, message: str) -> None:
     """The one log line of a request the frontend refused before it reached the scheduler."""
-    log.warning("request %s refused: %s: %s", request_id or "(no id)", code.name, message)
+    request_log.log_request_refused(request_id, code.name, message)
 
 
 def _denying_handler(handler: Any) -> Any:
