@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -40,12 +41,30 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def load_config(model_dir: str | Path) -> transformers.PretrainedConfig:
-    """The model's `config.json`, read from the local directory only (never from a hub)."""
+    """The model's `config.json`, read from the local directory only (never from a hub).
+
+    Raises UnsupportedModelError, listing the supported architectures, for one this server does not
+    implement: checked on the raw file first, since transformers refuses a model type it does not know
+    with its own message, and before any weight is read.
+    """
     directory = Path(model_dir)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {directory}: give the path of a local Hugging Face "
                                 "model directory")
+    check_architecture(directory / "config.json")
     return transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+
+
+def check_architecture(config_file: Path) -> str:
+    """The architecture `config_file` names, when a model family implements it (else raises
+    UnsupportedModelError naming the supported ones)."""
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {config_file}: {err}") from err
+    architecture = architecture_of(SimpleNamespace(architectures=raw.get("architectures")))
+    model_class(architecture)
+    return architecture
 
 
 @contextmanager

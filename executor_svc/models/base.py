@@ -13,6 +13,7 @@ from executor_svc.distributed import TensorParallel
 from executor_svc.models.errors import CheckpointError
 from executor_svc.models.layers import ParallelLMHead, QKVParallelLinear, ShardId, VocabParallelEmbedding
 from executor_svc.models.loading import ParameterLoader, Route
+from pagedserve.errors import InvalidArgumentError
 
 # Missing tensors listed by name in the error before the rest are only counted.
 MAX_LISTED_MISSING = 10
@@ -98,7 +99,9 @@ def resolve_max_model_len(limit: int, requested: int | None, field: str) -> int:
     if requested is None:
         return limit
     if not 1 <= requested <= limit:
-        raise ValueError(f"max_model_len {requested} must be in [1, {limit}], the model's {field}")
+        # Named as the setting, so the executor's one startup error line says which flag to change.
+        raise InvalidArgumentError("max_model_len",
+                                   f"{requested} must be in [1, {limit}], the model's {field}")
     return requested
 
 

@@ -8,6 +8,7 @@ batch mixing a prefill, a decode and a chunk of different sequences.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from executor_svc.models.layers import (  # noqa: E402
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from pagedserve.errors import InvalidArgumentError  # noqa: E402
 
 ATOL = 1e-4
 BLOCK_SIZE = 4
@@ -211,6 +213,18 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
         load_model(tmp_path, torch.float32, "cpu")
 
 
+def test_an_architecture_transformers_does_not_know_is_refused_first_with_ours_listed(tmp_path: Path) -> None:
+    """Checked on the raw config.json before transformers (which would refuse the model type with its
+    own message) and before any weight is read (the weights file here is not even a checkpoint)."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["RwkvNextForCausalLM"],
+                                                      "model_type": "rwkv-next", "hidden_size": 64}))
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(UnsupportedModelError) as raised:
+        load_model(tmp_path, torch.float32, "cpu")
+    assert str(raised.value) == ("architecture 'RwkvNextForCausalLM' is not supported; supported: "
+                                 "GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM")
+
+
 def test_missing_weights_file_names_the_directory_and_the_files(tmp_path: Path) -> None:
     save_config_only(tiny_config("gpt2"), tmp_path)
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors.*pytorch_model\.bin") as error:
@@ -258,8 +272,9 @@ def test_mistral_sliding_window_must_cover_the_model_length(tmp_path: Path) -> N
 
 def test_max_model_len_beyond_the_position_limit_is_refused(tmp_path: Path) -> None:
     save_config_only(tiny_config("gpt2"), tmp_path)
-    with pytest.raises(ValueError, match="max_model_len 129 must be in"):
+    with pytest.raises(InvalidArgumentError, match=r"^max_model_len: 129 must be in \[1, 128\]") as raised:
         load_model(tmp_path, torch.float32, "cpu", load_format="dummy", max_model_len=129)
+    assert raised.value.field == "max_model_len"      # the setting to change, named in the error line
 
 
 def test_unsupported_rope_type_names_the_field() -> None:
