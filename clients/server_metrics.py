@@ -18,11 +18,15 @@ Samples = dict[str, float]
 
 
 def parse_samples(text: str) -> Samples:
-    """Every sample of a Prometheus text page as `name{label="v",...}` -> value (labels sorted)."""
+    """Every sample of a Prometheus text page as `name{label="v",...}` -> value (labels sorted).
+
+    The `model_name` label is left out of the key: one scheduler serves one model, and a benchmark
+    reads the same names whatever that model is called.
+    """
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if k != "model_name")
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
 

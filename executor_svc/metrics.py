@@ -6,9 +6,14 @@ registry. Torch-free: it reads only the plan and result dataclasses.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from pagedserve.contract.plan import StepPlan, StepResult
+
+# No `_created` series: no dashboard reads them, and each counter and histogram would add one per label set.
+disable_created_metrics()
 
 # Seconds. A forward pass ranges from sub-millisecond (tiny models, the simulated backend) to seconds
 # (big prefills); a step's swaps and copies are usually far shorter.
@@ -22,7 +27,8 @@ class ExecutorMetrics:
 
     Every series carries the label `rank` (this rank's place in its tensor-parallel group): each rank is
     scraped as its own target, but its `instance` (host:port) changes with ephemeral ports, while the
-    rank says which shard of the model a series belongs to.
+    rank says which shard of the model a series belongs to. And `model_name`, as the scheduler's
+    (pagedserve.model_label), so that a dashboard selects one model's ranks.
 
     Histograms (seconds):
       pagedserve_executor_forward_seconds   forward pass + sampling, per step with a forward batch
@@ -41,34 +47,38 @@ class ExecutorMetrics:
     (backends check a plan whole before changing anything).
     """
 
-    def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, rank: int = 0, registry: CollectorRegistry | None = None,
+                 model_name: str = "") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        label = {"rank": str(rank)}
-        r = self.registry
-        self.forward_seconds = Histogram("pagedserve_executor_forward_seconds",
-                                         "Forward pass and sampling time per step.", ["rank"],
-                                         buckets=FORWARD_BUCKETS, registry=r).labels(**label)
-        self.swap_seconds = Histogram("pagedserve_executor_swap_seconds",
-                                      "Swap and copy-on-write time per step that moved blocks.", ["rank"],
-                                      buckets=SWAP_BUCKETS, registry=r).labels(**label)
-        self.steps = Counter("pagedserve_executor_steps_total", "Step plans answered, failed ones included.",
-                             ["rank"], registry=r).labels(**label)
-        self.step_errors = Counter("pagedserve_executor_step_errors_total",
-                                   "Step plans answered with an error.", ["rank"], registry=r).labels(**label)
-        self.tokens = Counter("pagedserve_executor_tokens_total", "Tokens computed by forward passes.",
-                              ["rank"], registry=r).labels(**label)
+        self.model_name = model_name
+        self._labels = {"model_name": model_name, "rank": str(rank)}
+        self.forward_seconds = self._add(Histogram, "pagedserve_executor_forward_seconds",
+                                         "Forward pass and sampling time per step.", buckets=FORWARD_BUCKETS)
+        self.swap_seconds = self._add(Histogram, "pagedserve_executor_swap_seconds",
+                                      "Swap and copy-on-write time per step that moved blocks.",
+                                      buckets=SWAP_BUCKETS)
+        self.steps = self._add(Counter, "pagedserve_executor_steps_total",
+                               "Step plans answered, failed ones included.")
+        self.step_errors = self._add(Counter, "pagedserve_executor_step_errors_total",
+                                     "Step plans answered with an error.")
+        self.tokens = self._add(Counter, "pagedserve_executor_tokens_total",
+                                "Tokens computed by forward passes.")
         swapped = Counter("pagedserve_executor_blocks_swapped_total",
-                          "KV blocks swapped between GPU and CPU, by direction.", ["rank", "direction"],
-                          registry=r)
-        self.blocks_swapped_out = swapped.labels(direction="out", **label)
-        self.blocks_swapped_in = swapped.labels(direction="in", **label)
-        self.blocks_copied = Counter("pagedserve_executor_blocks_copied_total",
-                                     "KV blocks copied for copy-on-write.", ["rank"],
-                                     registry=r).labels(**label)
-        self.gpu_kv_blocks = Gauge("pagedserve_executor_gpu_kv_blocks", "GPU KV blocks allocated.", ["rank"],
-                                   registry=r).labels(**label)
-        self.cpu_kv_blocks = Gauge("pagedserve_executor_cpu_kv_blocks", "CPU swap blocks allocated.",
-                                   ["rank"], registry=r).labels(**label)
+                          "KV blocks swapped between GPU and CPU, by direction.",
+                          [*self._labels, "direction"], registry=self.registry)
+        self.blocks_swapped_out = swapped.labels(direction="out", **self._labels)
+        self.blocks_swapped_in = swapped.labels(direction="in", **self._labels)
+        self.blocks_copied = self._add(Counter, "pagedserve_executor_blocks_copied_total",
+                                       "KV blocks copied for copy-on-write.")
+        self.gpu_kv_blocks = self._add(Gauge, "pagedserve_executor_gpu_kv_blocks",
+                                       "GPU KV blocks allocated.")
+        self.cpu_kv_blocks = self._add(Gauge, "pagedserve_executor_cpu_kv_blocks",
+                                       "CPU swap blocks allocated.")
+
+    def _add(self, kind: Any, name: str, documentation: str, **kwargs: Any) -> Any:
+        """A metric labelled `model_name` and `rank`, returned as this rank's one child series."""
+        return kind(name, documentation, list(self._labels), registry=self.registry, **kwargs).labels(
+            **self._labels)
 
     def record_step(self, plan: StepPlan, result: StepResult) -> None:
         """A step the backend ran: its timings, the tokens it computed and the blocks it moved."""

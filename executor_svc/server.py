@@ -30,6 +30,7 @@ from pagedserve.contract.plan_codec import error_result, plan_from_proto, result
 from pagedserve.gc_policy import settle_heap
 from pagedserve.grpc_decoding import DecodeErrorInterceptor
 from pagedserve.metrics_http import metrics_url, start_metrics_server
+from pagedserve.model_label import model_label
 from pagedserve.v1 import executor_pb2 as pb
 from pagedserve.v1 import executor_pb2_grpc
 
@@ -173,7 +174,8 @@ async def serve(config: ExecutorConfig, backend: ExecutorBackend) -> None:
     The metrics server starts (and logs its URL) before the gRPC server, so by the time `listening on`
     is logged, everything is up.
     """
-    metrics = ExecutorMetrics(rank=config.rank)
+    metrics = ExecutorMetrics(rank=config.rank,
+                              model_name=model_label(config.served_model_name, config.model))
     if config.metrics_port >= 0:
         metrics_port = start_metrics_server(metrics.registry, config.host, config.metrics_port)
         log.info("metrics on %s", metrics_url(config.host, metrics_port))

@@ -7,10 +7,15 @@ the registry. Names follow Prometheus conventions: prefix `pagedserve_`, base un
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from scheduler_svc.sequence import FinishReason
 from scheduler_svc.stats import SchedulerStats
+
+# No `_created` series: no dashboard reads them, and each counter and histogram would add one per label set.
+disable_created_metrics()
 
 # Bucket upper bounds in seconds. Dense where serving latencies usually sit, sparse in the tails, and
 # no more than ~20 per histogram: every bucket is a time series per label set.
@@ -37,6 +42,9 @@ REJECTION_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "UNA
 
 class SchedulerMetrics:
     """The scheduler's metrics, in a CollectorRegistry of their own (`self.registry`).
+
+    Every series carries the label `model_name` (the served model name, else the model directory's
+    name: pagedserve.model_label), as vLLM's do, so that one dashboard filters a fleet by model.
 
     Gauges (the latest snapshot):
       pagedserve_requests_running         requests with sequences on the GPU
@@ -87,108 +95,103 @@ class SchedulerMetrics:
     scrape; an unknown finish reason or rejection code raises ValueError rather than adding a series.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, model_name: str = "") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.model_name = model_name
         self._last_preemptions = dict.fromkeys(PREEMPTION_MODES, 0)
         self._last_prefix_cache = {"queries": 0, "hits": 0}
         self._add_queue_and_cache_metrics()
         self._add_step_metrics()
         self._add_request_metrics()
 
+    def _add(self, kind: Any, name: str, documentation: str, **kwargs: Any) -> Any:
+        """A metric labelled `model_name` (this scheduler's model), returned as its one child series."""
+        return kind(name, documentation, ["model_name"], registry=self.registry, **kwargs).labels(
+            model_name=self.model_name)
+
+    def _add_labelled(self, kind: Any, name: str, documentation: str, label: str,
+                      values: tuple[str, ...]) -> dict[str, Any]:
+        """A metric labelled `model_name` and `label`: its child per value, each created at zero."""
+        metric = kind(name, documentation, ["model_name", label], registry=self.registry)
+        return {value: metric.labels(model_name=self.model_name, **{label: value}) for value in values}
+
     def _add_queue_and_cache_metrics(self) -> None:
-        r = self.registry
-        self.requests_running = Gauge("pagedserve_requests_running", "Requests with sequences on the GPU.",
-                                      registry=r)
-        self.requests_waiting = Gauge("pagedserve_requests_waiting",
-                                      "Requests waiting for admission or recomputation.", registry=r)
-        self.requests_swapped = Gauge("pagedserve_requests_swapped", "Requests swapped out to CPU memory.",
-                                      registry=r)
-        self.gpu_kv_usage = Gauge("pagedserve_gpu_kv_usage_ratio", "Fraction of GPU KV blocks in use.",
-                                  registry=r)
-        self.cpu_kv_usage = Gauge("pagedserve_cpu_kv_usage_ratio", "Fraction of CPU swap blocks in use.",
-                                  registry=r)
-        self.kv_utilization = Gauge("pagedserve_kv_utilization_ratio",
-                                    "Token slots holding tokens / token slots of allocated GPU KV blocks.",
-                                    registry=r)
-        self.preemptions = Counter("pagedserve_preemptions_total",
-                                   "Requests preempted, by preemption mode.", ["mode"], registry=r)
-        for mode in PREEMPTION_MODES:
-            self.preemptions.labels(mode=mode)
-        self.prefix_cache_queries = Counter("pagedserve_prefix_cache_queries_total",
-                                            "Prompt tokens looked up in the prefix cache at admission.",
-                                            registry=r)
-        self.prefix_cache_hits = Counter("pagedserve_prefix_cache_hits_total",
-                                         "Prompt tokens found in the prefix cache (not computed again).",
-                                         registry=r)
-        self.steps_planned = Counter("pagedserve_steps_planned_total",
-                                     "Plans sent to the executors, by when they were made: while the step "
-                                     "before ran (async scheduling) or after its result.", ["when"],
-                                     registry=r)
-        for when in PLANNING_WHEN:
-            self.steps_planned.labels(when=when)
-        self.executors_ready = Gauge("pagedserve_executors_ready", "Executor ranks connected and ready.",
-                                     registry=r)
-        self.executors = Gauge("pagedserve_executors", "Executor ranks configured.", registry=r)
-        self.gpu_kv_blocks = Gauge("pagedserve_gpu_kv_blocks", "GPU KV blocks per executor rank.", registry=r)
-        self.cpu_kv_blocks = Gauge("pagedserve_cpu_kv_blocks", "CPU swap blocks per executor rank.",
-                                   registry=r)
-        self.kv_block_size = Gauge("pagedserve_kv_block_size_tokens", "Tokens per KV block.", registry=r)
+        self.requests_running = self._add(Gauge, "pagedserve_requests_running",
+                                          "Requests with sequences on the GPU.")
+        self.requests_waiting = self._add(Gauge, "pagedserve_requests_waiting",
+                                          "Requests waiting for admission or recomputation.")
+        self.requests_swapped = self._add(Gauge, "pagedserve_requests_swapped",
+                                          "Requests swapped out to CPU memory.")
+        self.gpu_kv_usage = self._add(Gauge, "pagedserve_gpu_kv_usage_ratio",
+                                      "Fraction of GPU KV blocks in use.")
+        self.cpu_kv_usage = self._add(Gauge, "pagedserve_cpu_kv_usage_ratio",
+                                      "Fraction of CPU swap blocks in use.")
+        self.kv_utilization = self._add(
+            Gauge, "pagedserve_kv_utilization_ratio",
+            "Token slots holding tokens / token slots of allocated GPU KV blocks (0 when none is allocated).")
+        self.preemptions = self._add_labelled(Counter, "pagedserve_preemptions_total",
+                                              "Requests preempted, by preemption mode.", "mode",
+                                              PREEMPTION_MODES)
+        self.prefix_cache_queries = self._add(Counter, "pagedserve_prefix_cache_queries_total",
+                                              "Prompt tokens looked up in the prefix cache at admission.")
+        self.prefix_cache_hits = self._add(Counter, "pagedserve_prefix_cache_hits_total",
+                                           "Prompt tokens found in the prefix cache (not computed again).")
+        self.steps_planned = self._add_labelled(
+            Counter, "pagedserve_steps_planned_total", "Plans sent to the executors, by when they were made: "
+            "while the step before ran (async scheduling) or after its result.", "when", PLANNING_WHEN)
+        self.executors_ready = self._add(Gauge, "pagedserve_executors_ready",
+                                         "Executor ranks connected and ready.")
+        self.executors = self._add(Gauge, "pagedserve_executors", "Executor ranks configured.")
+        self.gpu_kv_blocks = self._add(Gauge, "pagedserve_gpu_kv_blocks", "GPU KV blocks per executor rank.")
+        self.cpu_kv_blocks = self._add(Gauge, "pagedserve_cpu_kv_blocks",
+                                       "CPU swap blocks per executor rank.")
+        self.kv_block_size = self._add(Gauge, "pagedserve_kv_block_size_tokens", "Tokens per KV block.")
 
     def _add_step_metrics(self) -> None:
-        r = self.registry
-        self.step_duration = Histogram("pagedserve_step_duration_seconds",
-                                       "Duration of one whole engine iteration.", buckets=STEP_BUCKETS,
-                                       registry=r)
-        self.schedule_duration = Histogram("pagedserve_schedule_duration_seconds",
+        self.step_duration = self._add(Histogram, "pagedserve_step_duration_seconds",
+                                       "Duration of one whole engine iteration.", buckets=STEP_BUCKETS)
+        self.schedule_duration = self._add(Histogram, "pagedserve_schedule_duration_seconds",
                                            "Time per iteration spent scheduling and processing results.",
-                                           buckets=STEP_BUCKETS, registry=r)
-        self.executor_wait = Histogram("pagedserve_executor_wait_seconds",
+                                           buckets=STEP_BUCKETS)
+        self.executor_wait = self._add(Histogram, "pagedserve_executor_wait_seconds",
                                        "Time per iteration from sending the plan to every rank's result.",
-                                       buckets=STEP_BUCKETS, registry=r)
-        self.control_plane = Histogram("pagedserve_step_control_plane_seconds",
+                                       buckets=STEP_BUCKETS)
+        self.control_plane = self._add(Histogram, "pagedserve_step_control_plane_seconds",
                                        "Time per iteration outside the executors' forward pass and swaps.",
-                                       buckets=STEP_BUCKETS, registry=r)
-        self.batched_requests = Histogram("pagedserve_step_batched_requests",
-                                          "Requests running in an iteration's batch.", buckets=BATCH_BUCKETS,
-                                          registry=r)
-        self.step_kv_utilization = Histogram("pagedserve_step_kv_utilization_ratio",
+                                       buckets=STEP_BUCKETS)
+        self.batched_requests = self._add(Histogram, "pagedserve_step_batched_requests",
+                                          "Requests running in an iteration's batch.", buckets=BATCH_BUCKETS)
+        self.step_kv_utilization = self._add(Histogram, "pagedserve_step_kv_utilization_ratio",
                                              "KV utilization (token slots holding tokens / token slots "
-                                             "allocated) during an iteration.", buckets=RATIO_BUCKETS,
-                                             registry=r)
-        self.step_kv_sharing_saved = Histogram("pagedserve_step_kv_sharing_saved_ratio",
+                                             "allocated) during an iteration.", buckets=RATIO_BUCKETS)
+        self.step_kv_sharing_saved = self._add(Histogram, "pagedserve_step_kv_sharing_saved_ratio",
                                                "Fraction of GPU KV blocks that copy-on-write sharing saves "
-                                               "during an iteration.", buckets=RATIO_BUCKETS, registry=r)
-        self.decode_roofline = Histogram("pagedserve_decode_roofline_ratio",
+                                               "during an iteration.", buckets=RATIO_BUCKETS)
+        self.decode_roofline = self._add(Histogram, "pagedserve_decode_roofline_ratio",
                                          "Decode-only iterations: memory-roofline time over forward time.",
-                                         buckets=RATIO_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("pagedserve_prompt_tokens_total",
-                                     "Prompt tokens computed, recomputation included.", registry=r)
-        self.generation_tokens = Counter("pagedserve_generation_tokens_total", "Tokens generated.",
-                                         registry=r)
+                                         buckets=RATIO_BUCKETS)
+        self.prompt_tokens = self._add(Counter, "pagedserve_prompt_tokens_total",
+                                       "Prompt tokens computed, recomputation included.")
+        self.generation_tokens = self._add(Counter, "pagedserve_generation_tokens_total", "Tokens generated.")
 
     def _add_request_metrics(self) -> None:
-        r = self.registry
-        self.time_to_first_token = Histogram("pagedserve_time_to_first_token_seconds",
+        self.time_to_first_token = self._add(Histogram, "pagedserve_time_to_first_token_seconds",
                                              "Time from a request's arrival to its first token.",
-                                             buckets=TTFT_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("pagedserve_inter_token_latency_seconds",
+                                             buckets=TTFT_BUCKETS)
+        self.inter_token_latency = self._add(Histogram, "pagedserve_inter_token_latency_seconds",
                                              "Time between consecutive tokens of a sequence.",
-                                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e_latency = Histogram("pagedserve_e2e_request_latency_seconds",
-                                     "Time from a request's arrival to its finish.", buckets=E2E_BUCKETS,
-                                     registry=r)
-        self.queue_time = Histogram("pagedserve_request_queue_time_seconds",
+                                             buckets=ITL_BUCKETS)
+        self.e2e_latency = self._add(Histogram, "pagedserve_e2e_request_latency_seconds",
+                                     "Time from a request's arrival to its finish.", buckets=E2E_BUCKETS)
+        self.queue_time = self._add(Histogram, "pagedserve_request_queue_time_seconds",
                                     "Time from a request's arrival until it was first scheduled.",
-                                    buckets=QUEUE_BUCKETS, registry=r)
-        self.requests_finished = Counter("pagedserve_requests_finished_total",
-                                         "Requests finished, by reason.", ["finish_reason"], registry=r)
-        for reason in FINISH_REASONS:
-            self.requests_finished.labels(finish_reason=reason)
-        self.requests_rejected = Counter("pagedserve_requests_rejected_total",
-                                         "Requests refused before queueing, by gRPC status code.", ["code"],
-                                         registry=r)
-        for code in REJECTION_CODES:
-            self.requests_rejected.labels(code=code)
+                                    buckets=QUEUE_BUCKETS)
+        self.requests_finished = self._add_labelled(Counter, "pagedserve_requests_finished_total",
+                                                    "Requests finished, by reason.", "finish_reason",
+                                                    FINISH_REASONS)
+        self.requests_rejected = self._add_labelled(Counter, "pagedserve_requests_rejected_total",
+                                                    "Requests refused before queueing, by gRPC status code.",
+                                                    "code", REJECTION_CODES)
 
     def record_stats(self, stats: SchedulerStats) -> None:
         """Set the queue and KV gauges from a snapshot; advance preemptions by the change since the last.
@@ -205,7 +208,7 @@ class SchedulerMetrics:
         for mode, count in (("swap", stats.num_preemptions_swap),
                             ("recompute", stats.num_preemptions_recompute)):
             last = self._last_preemptions[mode]
-            self.preemptions.labels(mode=mode).inc(count - last if count >= last else count)
+            self.preemptions[mode].inc(count - last if count >= last else count)
             self._last_preemptions[mode] = count
         for name, counter, count in (
                 ("queries", self.prefix_cache_queries, stats.prefix_cache_queried_tokens),
@@ -225,14 +228,15 @@ class SchedulerMetrics:
 
     def record_plan(self, ahead: bool) -> None:
         """A plan went to the executors: made ahead of its step's predecessor's result, or after it."""
-        self.steps_planned.labels(when="ahead" if ahead else "after_result").inc()
+        self.steps_planned["ahead" if ahead else "after_result"].inc()
 
     def record_iteration(self, stats: SchedulerStats, control_plane_seconds: float,
                          roofline_ratio: float | None) -> None:
         """One iteration: its batch and KV state (`stats` as scheduled), control-plane time and, for a
         decode-only iteration, its roofline ratio."""
         self.batched_requests.observe(stats.num_running)
-        self.step_kv_utilization.observe(stats.kv_utilization)
+        if stats.gpu_blocks_used:      # a step that holds no block (swaps only) has no utilization
+            self.step_kv_utilization.observe(stats.kv_utilization)
         self.step_kv_sharing_saved.observe(stats.kv_sharing_saved)
         self.control_plane.observe(max(control_plane_seconds, 0.0))
         if roofline_ratio is not None:
@@ -256,7 +260,7 @@ class SchedulerMetrics:
         if finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason: must be one of {', '.join(FINISH_REASONS)}, "
                              f"got {finish_reason!r}")
-        self.requests_finished.labels(finish_reason=finish_reason).inc()
+        self.requests_finished[finish_reason].inc()
         self.e2e_latency.observe(e2e_seconds)
         if queue_seconds is not None:
             self.queue_time.observe(queue_seconds)
@@ -265,7 +269,7 @@ class SchedulerMetrics:
         """A request refused before it was queued; `code` is a grpc.StatusCode name."""
         if code not in REJECTION_CODES:
             raise ValueError(f"code: must be one of {', '.join(REJECTION_CODES)}, got {code!r}")
-        self.requests_rejected.labels(code=code).inc()
+        self.requests_rejected[code].inc()
 
     def set_executors(self, ready: int, total: int) -> None:
         """How many executor ranks are connected and ready, of how many configured."""

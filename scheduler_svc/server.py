@@ -26,6 +26,7 @@ from pagedserve.errors import InvalidArgumentError, RequestErrorKind
 from pagedserve.gc_policy import settle_heap
 from pagedserve.grpc_decoding import DecodeErrorInterceptor
 from pagedserve.metrics_http import start_metrics_server
+from pagedserve.model_label import model_label
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
 from scheduler_svc import request_log
@@ -188,7 +189,7 @@ class SchedulerServer:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.metrics = SchedulerMetrics()
+        self.metrics = SchedulerMetrics(model_name=model_label(config.served_model_name, config.model))
         model_dir = config.model or default_model_dir()
         try:
             tokenizer = load_tokenizer(model_dir)

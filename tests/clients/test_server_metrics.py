@@ -60,7 +60,7 @@ def test_parse_samples_keys_names_with_sorted_labels():
 
 
 def test_between_gives_the_means_of_the_iterations_recorded_between_two_renders():
-    metrics = SchedulerMetrics()
+    metrics = SchedulerMetrics(model_name="llama-7b")   # the names read the same whatever the model
     metrics.set_cache_info(num_gpu_blocks=512, num_cpu_blocks=256, block_size=16)
     iteration(metrics, 0.5, 100, 0.1, 0.4, 0.9, 0.9)    # before the run: must not count
     iteration(metrics, 0.5, 100, 0.1, 0.4, None, 0.9)

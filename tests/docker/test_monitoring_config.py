@@ -29,8 +29,10 @@ PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "pagedserve.json"
 DATASOURCES = DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = DOCKER / "grafana" / "provisioning" / "dashboards" / "pagedserve.yml"
-# Grafana's range variable; Prometheus never sees it (Grafana substitutes a duration first).
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+# Grafana's variables; Prometheus never sees them (Grafana substitutes a duration or a regex first).
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$model_name": ".*"}
+# The dashboard's data source is a variable, so that it imports into a Grafana whose Prometheus has any uid.
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # What the dashboard must show (the deployment's brief): throughput, latency percentiles, KV cache,
 # preemptions, swapping, and the queues.
 REQUIRED_METRICS = {
@@ -142,17 +144,40 @@ def test_grafana_provisions_the_dashboard_from_its_mount() -> None:
 def test_the_dashboard_is_well_formed() -> None:
     board = dashboard()
     assert board["uid"] and board["title"] and board["panels"]
-    uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
     ids = [panel["id"] for panel in board["panels"]]
     assert len(ids) == len(set(ids))
     for panel in query_panels():
-        assert panel["datasource"]["uid"] == uid, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert target["expr"].strip() and target["datasource"]["uid"] == uid, panel["title"]
+            assert target["expr"].strip() and target["datasource"] == DATASOURCE, panel["title"]
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
         assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
+
+
+def test_the_dashboard_imports_into_any_grafana() -> None:
+    """No data source uid of ours: a `datasource` variable picks any Prometheus (the provisioned one is
+    the default), and a `model_name` variable (multi-value, All by default) filters every query."""
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    source = variables["datasource"]
+    assert source["type"] == "datasource" and source["query"] == "prometheus"
+    model = variables["model_name"]
+    assert model["type"] == "query" and model["datasource"] == DATASOURCE
+    assert model["includeAll"] and model["multi"] and model["allValue"] == ".*"
+    assert "label_values(" in model["query"]["query"] and "model_name" in model["query"]["query"]
+    provisioned = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
+    assert f'"uid": "{provisioned}"' not in DASHBOARD.read_text()
+    assert "id" not in board          # an id would clash with a dashboard of the importing Grafana
+
+
+def test_every_dashboard_query_filters_by_model_name() -> None:
+    for expr in expressions():
+        selectors = re.findall(r"\b(pagedserve_\w+)(\{[^}]*\})?", expr)
+        assert selectors, expr
+        for name, matchers in selectors:
+            assert 'model_name=~"$model_name"' in matchers, f"{name} in {expr!r}"
 
 
 def test_the_dashboard_queries_only_exported_metrics() -> None:
@@ -169,7 +194,8 @@ def test_the_dashboard_covers_what_an_operator_needs() -> None:
     quantiles = [e for e in expressions() if "histogram_quantile" in e]
     assert len(quantiles) >= 9
     # A quantile over several series must keep `le`, and reads the cumulative buckets.
-    assert all(re.search(r"by \((?:[\w, ]*\b)?le\b", e) and "_bucket[" in e for e in quantiles)
+    assert all(re.search(r"by \((?:[\w, ]*\b)?le\b", e) and re.search(r"_bucket(\{[^}]*\})?\[", e)
+               for e in quantiles)
 
 
 def test_the_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import urllib.request
 from pathlib import Path
@@ -74,16 +75,23 @@ class RunningStack:
             return reply.read().decode()
 
     def metric(self, sample: str, name: str = "scheduler") -> float:
-        """The value of one sample line (such as `pagedserve_requests_running`) of a process."""
+        """The value of one sample line (such as `pagedserve_requests_running`) of a process, named
+        without its `model_name` label (every series has it; one process serves one model)."""
         for line in self.metrics_text(name).splitlines():
             key, _, value = line.rpartition(" ")
-            if key == sample and not line.startswith("#"):
+            if without_model_name(key) == sample and not line.startswith("#"):
                 return float(value)
         raise KeyError(sample)
 
     def stop(self) -> int:
         """Stop every process; returns the scheduler's exit code."""
         return self.stack.stop()
+
+
+def without_model_name(key: str) -> str:
+    """A sample line's `name{labels}` without model_name: `a{model_name="m",b="1"}` -> `a{b="1"}`."""
+    key = re.sub(r'model_name="[^"]*",?', "", key).replace(",}", "}")
+    return key.removesuffix("{}")
 
 
 def require_model() -> None:

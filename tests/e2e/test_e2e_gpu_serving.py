@@ -115,7 +115,8 @@ class ServingStack(RunningStack):
         assert address is not None, f"{name} reported no metrics address"
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
             text = reply.read().decode()
-        return {(s.name, frozenset(s.labels.items())): s.value
+        # Without model_name (on every series): one process serves one model.
+        return {(s.name, frozenset((k, v) for k, v in s.labels.items() if k != "model_name")): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
 

@@ -24,6 +24,7 @@ from pagedserve.contract.plan import (
 )
 from pagedserve.contract.plan_codec import ExecutorStepError
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.model_label import model_label
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.executor_client import ExecutorClient
 from scheduler_svc.sampling_params import SamplingParams
@@ -45,7 +46,7 @@ def result_for(plan: StepPlan, forward_seconds: float, swap_seconds: float = 0.0
 
 
 def value(metrics: ExecutorMetrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, {"rank": "0", **labels})
+    return metrics.registry.get_sample_value(name, {"model_name": metrics.model_name, "rank": "0", **labels})
 
 
 def test_a_step_records_its_forward_time_tokens_and_block_movements():
@@ -90,12 +91,16 @@ def test_errors_count_as_steps_and_the_cache_is_a_gauge():
     assert value(metrics, "pagedserve_executor_cpu_kv_blocks") == 50
 
 
-def test_every_series_carries_the_rank():
-    metrics = ExecutorMetrics(rank=3)
+def test_every_series_carries_the_rank_and_the_model_name():
+    metrics = ExecutorMetrics(rank=3, model_name="llama-7b")
     metrics.record_step_error()
-    assert metrics.registry.get_sample_value("pagedserve_executor_steps_total", {"rank": "3"}) == 1
-    other = ExecutorMetrics(rank=3)                      # a registry of its own: no duplicate error
-    assert other.registry.get_sample_value("pagedserve_executor_steps_total", {"rank": "3"}) == 0
+    labels = {"model_name": "llama-7b", "rank": "3"}
+    assert metrics.registry.get_sample_value("pagedserve_executor_steps_total", labels) == 1
+    samples = [s for family in metrics.registry.collect() for s in family.samples]
+    assert all(s.labels["model_name"] == "llama-7b" and s.labels["rank"] == "3" for s in samples)
+    assert not any(s.name.endswith("_created") for s in samples)
+    other = ExecutorMetrics(rank=3, model_name="llama-7b")     # a registry of its own: no duplicate error
+    assert other.registry.get_sample_value("pagedserve_executor_steps_total", labels) == 0
 
 
 def test_the_exposition_passes_promtool():
@@ -153,9 +158,10 @@ def test_a_real_executor_serves_its_steps_at_metrics(start_executor):
 
     samples = scrape(executor.metrics_address)
     rank = ("rank", "0")
+    model = ("model_name", model_label("", ""))        # the embedded model's name, as the scheduler's
 
     def sample(name: str, *labels: tuple[str, str]) -> float:
-        return samples[(name, frozenset([rank, *labels]))]
+        return samples[(name, frozenset([rank, model, *labels]))]
 
     assert sample("pagedserve_executor_steps_total") == len(plans) + 1
     assert sample("pagedserve_executor_step_errors_total") == 1

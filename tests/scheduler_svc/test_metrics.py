@@ -34,7 +34,7 @@ def stats(**changes: float) -> SchedulerStats:
 
 
 def value(metrics: SchedulerMetrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+    return metrics.registry.get_sample_value(name, {"model_name": metrics.model_name, **labels})
 
 
 def test_record_stats_sets_the_queue_and_kv_gauges():
@@ -194,15 +194,36 @@ def test_the_exposition_passes_promtool():
 
 
 def test_the_metrics_server_serves_the_registry_on_an_ephemeral_port():
-    metrics = SchedulerMetrics()
+    metrics = SchedulerMetrics(model_name="m")
     metrics.set_executors(3, 4)
     port = start_metrics_server(metrics.registry, "127.0.0.1", 0)
     assert port > 0
     with urllib.request.urlopen(metrics_url("127.0.0.1", port), timeout=10) as response:
         body = response.read().decode()
-    assert "pagedserve_executors_ready 3.0" in body.splitlines()
+    assert 'pagedserve_executors_ready{model_name="m"} 3.0' in body.splitlines()
+    assert "_created" not in body       # creation-time series double the page for no dashboard's use
 
 
 def test_metrics_url_brackets_ipv6_hosts():
     assert metrics_url("127.0.0.1", 9100) == "http://127.0.0.1:9100/metrics"
     assert metrics_url("::1", 9100) == "http://[::1]:9100/metrics"
+
+
+def test_every_series_carries_the_model_name():
+    """As vLLM's metrics do: a dashboard or alert selects one model's series with model_name."""
+    metrics = SchedulerMetrics(model_name="llama-7b")
+    metrics.record_stats(stats())
+    metrics.record_request_finished("stop", e2e_seconds=1.0, queue_seconds=0.1)
+    samples = [s for family in metrics.registry.collect() for s in family.samples]
+    assert samples and all(s.labels.get("model_name") == "llama-7b" for s in samples)
+    assert value(metrics, "pagedserve_requests_finished_total", finish_reason="stop") == 1
+
+
+def test_an_iteration_without_gpu_blocks_observes_no_kv_utilization():
+    """Its utilization (0: nothing held) is no measure of waste; the mean covers iterations that hold KV."""
+    metrics = SchedulerMetrics()
+    metrics.record_iteration(stats(gpu_blocks_used=0, kv_utilization=0.0), 0.001, None)
+    metrics.record_iteration(stats(kv_utilization=0.9), 0.001, None)
+    assert value(metrics, "pagedserve_step_kv_utilization_ratio_count") == 1
+    assert value(metrics, "pagedserve_step_kv_utilization_ratio_sum") == pytest.approx(0.9)
+    assert value(metrics, "pagedserve_step_batched_requests_count") == 2
