@@ -42,6 +42,7 @@ from clients.cli import build_parser
 from clients.client import AsyncPagedServeClient, PagedServeError
 from clients.request_builder import build_generate_request
 from clients.serve_command import build_configs
+from clients.server_metrics import parse_samples
 from clients.stack import LocalStack, stack_specs
 from clients.tables import markdown_table
 
@@ -178,14 +179,10 @@ class Soak:
         self.kills = 0
 
     def metric(self, sample: str) -> float:
-        """One sample of the scheduler's /metrics page."""
+        """One sample of the scheduler's /metrics page, named without its model_name label."""
         address = self.stack.processes["scheduler"].metrics_address
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-            for line in reply.read().decode().splitlines():
-                key, _, value = line.rpartition(" ")
-                if key == sample:
-                    return float(value)
-        raise KeyError(sample)
+            return parse_samples(reply.read().decode())[sample]
 
     def scheduler_rss_mib(self) -> float:
         """Resident memory of the scheduler process."""
