@@ -43,5 +43,5 @@ def log_request_ended(summary: RequestSummary) -> None:
 
 def log_request_refused(request_id: str, code: str, message: str) -> None:
     """The one INFO line of a request refused before it was queued (`code`: a grpc.StatusCode name)."""
-    log.info("request %s refused: code=%s %s", request_id or "(no id)", code, message,
+    log.info("request %s refused: %s: %s", request_id or "(no id)", code, message,
              extra={"request_id": request_id or None})

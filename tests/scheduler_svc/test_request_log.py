@@ -67,6 +67,6 @@ def test_each_request_that_ends_logs_one_info_line_and_metrics_carry_the_model_n
     assert done.startswith("request done-1 finished: finish_reason=length prompt_tokens=3 output_tokens=4 ")
     assert "ttft_s=0." in done and "preemptions=0" in done
     assert lines["gone-1"].getMessage().startswith("request gone-1 aborted: finish_reason=aborted")
-    assert "refused: code=INVALID_ARGUMENT" in lines["bad-1"].getMessage()
+    assert "refused: INVALID_ARGUMENT: temperature" in lines["bad-1"].getMessage()
     assert scheduler.metrics.registry.get_sample_value(
         "pagedserve_requests_finished_total", {"model_name": "tiny-sim", "finish_reason": "length"}) == 1
