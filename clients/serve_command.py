@@ -24,6 +24,7 @@ from executor_svc.config import ExecutorConfig
 from pagedserve.config_sources import add_config_arguments, config_from_sources
 from pagedserve.errors import InvalidArgumentError
 from pagedserve.logs import add_logging_arguments, configure_logging, logging_environment
+from pagedserve.ports import PortInUseError
 from scheduler_svc.config import SchedulerConfig
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
@@ -105,7 +106,11 @@ def run(args: argparse.Namespace) -> int:
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
                        liveness_timeout=scheduler.executor_health_timeout_seconds)
     signal.signal(signal.SIGTERM, _interrupt)        # stop the children on SIGTERM as on Ctrl-C
-    stack.start()
+    try:
+        stack.start()
+    except PortInUseError as err:                   # nothing has started yet: one line names the flag
+        _status(str(err), args.log_format, logging.ERROR)
+        return 1
     code = 1
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)
@@ -118,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler)
         while not stack.failed:
             time.sleep(0.5)
+        if stack.failure is not None:
+            _status(stack.failure, args.log_format, logging.ERROR)
     except KeyboardInterrupt:
         code = 0
     except (TimeoutError, RuntimeError) as err:

@@ -6,6 +6,12 @@ for each rank), so what the launcher starts is what a compose file starts. The s
 executor that dies on the same port, which lets the scheduler recover the live requests, and, like a
 liveness probe, kills and restarts one that stops answering its gRPC health check (a stopped or wedged
 process never exits on its own).
+
+A rank that exits before it ever listened failed to start (a bad flag, a model it cannot load, a port
+that is taken): restarting it would fail the same way, so the whole stack stops with that rank's last
+error line. A rank that crashes after serving is restarted with exponential backoff, at most
+`RestartPolicy.burst` times within `RestartPolicy.interval` seconds (systemd's start limit), and then
+the stack gives up.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
+from pagedserve.ports import ListenPort, check_ports
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
 from scheduler_svc.config import SchedulerConfig
 
@@ -39,7 +47,10 @@ METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 HTTP = re.compile(r"http on https?://(\S+):(\d+)")      # the scheduler's OpenAI-compatible API
 # The scheduler's executors are all up; the second form is the line as --log-format json writes it.
 READY = re.compile(r'pagedserve\.engine(?:: |", "message": ")serving ')
-RESTART_DELAY_SECONDS = 1.0
+RESTART_DELAY_SECONDS = 1.0          # the first restart's delay; each quick crash after it doubles it
+MAX_RESTART_DELAY_SECONDS = 30.0
+RESTART_LIMIT_BURST = 5              # restarts of one rank allowed within RESTART_LIMIT_INTERVAL_SECONDS
+RESTART_LIMIT_INTERVAL_SECONDS = 300.0
 STOP_TIMEOUT_SECONDS = 60.0
 LIVENESS_PROBE_INTERVAL_SECONDS = 1.0
 
@@ -77,6 +88,32 @@ def stack_specs(scheduler: SchedulerConfig, executors: list[ExecutorConfig]) -> 
     return specs
 
 
+def stack_ports(specs: list[ServiceSpec]) -> list[ListenPort]:
+    """Every fixed port the services will listen on, each labelled with the `serve` flag that chose it.
+
+    An executor's ports are derived from the scheduler's (`--port` + 10 + rank, `--metrics-port` + 1 +
+    rank), so their labels say how.
+    """
+    ports = []
+    for spec in specs:
+        env = spec.environment
+        if spec.name == "scheduler":
+            host = env.get(SCHEDULER_ENV_PREFIX + "HOST", "127.0.0.1")
+            for flag in ("--port", "--http-port", "--metrics-port"):
+                value = env.get(SCHEDULER_ENV_PREFIX + flag[2:].replace("-", "_").upper())
+                if value is not None:
+                    ports.append(ListenPort(flag, host, int(value)))
+            continue
+        host = env.get(EXECUTOR_ENV_PREFIX + "HOST", "127.0.0.1")
+        rank = int(env.get(EXECUTOR_ENV_PREFIX + "RANK", "0"))
+        if (port := env.get(EXECUTOR_ENV_PREFIX + "PORT")) is not None:
+            ports.append(ListenPort(f"--port ({spec.name} listens on --port + {10 + rank})", host, int(port)))
+        if (port := env.get(EXECUTOR_ENV_PREFIX + "METRICS_PORT")) is not None:
+            label = f"--metrics-port ({spec.name}'s metrics are on --metrics-port + {1 + rank})"
+            ports.append(ListenPort(label, host, int(port)))
+    return ports
+
+
 def tensor_parallel_group(spec: ServiceSpec) -> str | None:
     """The rendezvous address that names an executor's tensor-parallel group; None for a lone rank."""
     world_size = spec.environment.get(EXECUTOR_ENV_PREFIX + "WORLD_SIZE", "1")
@@ -105,6 +142,23 @@ class ManagedProcess:
     listening: threading.Event = field(default_factory=threading.Event)
     ready: threading.Event = field(default_factory=threading.Event)
     last_alive: float = field(default_factory=time.monotonic)   # last SERVING health answer (or start)
+    last_line: str = ""             # its last non-empty log line: the error, when it exits on one
+    log_thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How a rank that crashed after serving is restarted: like systemd's RestartSec= doubling up to a
+    cap, and StartLimitBurst= restarts within StartLimitIntervalSec= before giving up."""
+
+    initial_delay: float = RESTART_DELAY_SECONDS
+    max_delay: float = MAX_RESTART_DELAY_SECONDS
+    burst: int = RESTART_LIMIT_BURST
+    interval: float = RESTART_LIMIT_INTERVAL_SECONDS
+
+    def delay(self, recent_restarts: int) -> float:
+        """Seconds to wait before the next restart, after `recent_restarts` within the interval."""
+        return min(self.max_delay, self.initial_delay * 2 ** recent_restarts)
 
 
 def labelled_line(service: str, line: str) -> str:
@@ -120,22 +174,31 @@ class LocalStack:
     """Runs the services, forwards their logs, restarts dead executors, and stops everything.
 
     With `liveness_timeout` (seconds) an executor that has listened but then answers no health check
-    with SERVING for that long is killed, and so restarted like any dead one (None: never).
+    with SERVING for that long is killed, and so restarted like any dead one (None: never). `failure`
+    says why the stack gave up on its own (None while it runs, or when it was stopped).
     """
 
     def __init__(self, specs: list[ServiceSpec], restart_executors: bool = True,
                  base_environment: Mapping[str, str] | None = None,
-                 liveness_timeout: float | None = None) -> None:
+                 liveness_timeout: float | None = None, restart_policy: RestartPolicy | None = None) -> None:
         self.specs = specs
         self.restart_executors = restart_executors
         self.liveness_timeout = liveness_timeout
+        self.restart_policy = restart_policy or RestartPolicy()
         self._base_env = dict(os.environ if base_environment is None else base_environment)
         self.processes: dict[str, ManagedProcess] = {}
+        self.failure: str | None = None
+        self._served: set[str] = set()              # services that have listened, in any of their lives
+        self._restart_times: dict[str, deque[float]] = {}
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start every service (executors first) and a watcher that restarts dead executors."""
+        """Start every service (executors first) and a watcher that restarts dead executors.
+
+        Raises PortInUseError, naming the flag, before starting anything when a fixed port is taken.
+        """
+        check_ports(stack_ports(self.specs))
         for spec in self.specs:
             self._spawn(spec)
         threading.Thread(target=self._watch, name="stack-watch", daemon=True).start()
@@ -149,18 +212,22 @@ class LocalStack:
         managed = ManagedProcess(spec, proc, restarts=restarts)
         with self._lock:
             self.processes[spec.name] = managed
-        threading.Thread(target=self._forward, args=(managed,), name=f"log-{spec.name}", daemon=True).start()
+        managed.log_thread = threading.Thread(target=self._forward, args=(managed,), name=f"log-{spec.name}",
+                                              daemon=True)
+        managed.log_thread.start()
         return managed
 
-    @staticmethod
-    def _forward(managed: ManagedProcess) -> None:
-        """Copy the child's stderr to ours, noting the addresses it reports."""
+    def _forward(self, managed: ManagedProcess) -> None:
+        """Copy the child's stderr to ours, noting the addresses it reports and its last line."""
         assert managed.proc.stderr is not None
         for line in managed.proc.stderr:
+            if line.strip():
+                managed.last_line = line.strip()
             if (match := LISTENING.search(line)) is not None:
                 managed.address = f"{match.group(1)}:{match.group(2)}"
                 managed.last_alive = time.monotonic()
                 managed.listening.set()
+                self._served.add(managed.spec.name)
             elif (match := METRICS.search(line)) is not None:
                 managed.metrics_address = f"{match.group(1)}:{match.group(2)}"
             elif (match := HTTP.search(line)) is not None:
@@ -177,11 +244,40 @@ class LocalStack:
                 # A group restart earlier in this pass may already have replaced this process.
                 if code is None or self._stopping.is_set() or self.processes.get(name) is not managed:
                     continue
-                if name.startswith("executor") and self.restart_executors:
-                    self._restart_group(managed, code)
+                # The log thread may still hold the last lines: they name the error.
+                self._drain_log(managed)
+                if name not in self._served:
+                    self._give_up(f"{name} failed to start (exit code {code}): "
+                                  f"{managed.last_line or 'no output'}")
                 elif name == "scheduler":
-                    log.error("the scheduler exited with code %s", code)
-                    self._stopping.set()
+                    self._give_up(f"the scheduler exited with code {code}: "
+                                  f"{managed.last_line or 'no output'}")
+                elif self.restart_executors:
+                    self._restart_group(managed, code)
+
+    @staticmethod
+    def _drain_log(managed: ManagedProcess) -> None:
+        """Give the forwarding thread of an exited process a moment to read what it wrote last."""
+        if managed.log_thread is not None:
+            managed.log_thread.join(timeout=2.0)
+
+    def _give_up(self, reason: str) -> None:
+        """Stop supervising: the stack cannot serve. `serve` prints the reason and stops the rest."""
+        self.failure = reason
+        self._stopping.set()
+
+    def _restart_delay(self, name: str) -> float | None:
+        """The backoff before restarting `name` again, or None once it hit the restart limit."""
+        policy = self.restart_policy
+        now = time.monotonic()
+        times = self._restart_times.setdefault(name, deque())
+        while times and now - times[0] > policy.interval:
+            times.popleft()
+        if len(times) >= policy.burst:
+            return None
+        delay = policy.delay(len(times))
+        times.append(now)
+        return delay
 
     def _probe_liveness(self) -> None:
         """Kill each listening executor whose health has not read SERVING for `liveness_timeout` s.
@@ -213,12 +309,19 @@ class LocalStack:
         group = [m for m in list(self.processes.values()) if tensor_parallel_group(m.spec) is not None
                  and tensor_parallel_group(m.spec) == tensor_parallel_group(dead.spec)] or [dead]
         others = [m.spec.name for m in group if m is not dead]
-        log.warning("%s exited with code %s; restarting it%s", dead.spec.name, code,
+        delay = self._restart_delay(dead.spec.name)
+        if delay is None:
+            policy = self.restart_policy
+            self._give_up(f"{dead.spec.name} exited with code {code} after {policy.burst} restarts within "
+                          f"{policy.interval:.0f} s; giving up: {dead.last_line or 'no output'}")
+            return
+        log.warning("%s exited with code %s; restarting it in %.0f s%s", dead.spec.name, code, delay,
                     f" with the rest of its tensor-parallel group ({', '.join(others)})" if others else "")
         for managed in group:
             if managed is not dead:
                 stop_process(managed.proc, timeout=10.0)
-        time.sleep(RESTART_DELAY_SECONDS)
+        # Waiting on the stop event lets Ctrl-C end a long backoff at once.
+        self._stopping.wait(delay)
         for managed in group:
             if not self._stopping.is_set():
                 self._spawn(managed.spec, managed.restarts + 1)
@@ -231,24 +334,24 @@ class LocalStack:
             if managed.listening.wait(0.1):
                 assert managed.address is not None
                 return managed.address
-            if managed.proc.poll() is not None and name == "scheduler":
-                raise RuntimeError(f"{name} exited with code {managed.proc.returncode} before listening")
+            if self.failure is not None:            # the watcher saw it exit, with its last line
+                raise RuntimeError(self.failure)
         raise TimeoutError(f"{name} did not start listening within {timeout:.0f} s")
 
     def wait_ready(self, timeout: float) -> None:
         """Wait until the scheduler reports that every executor serves (raises TimeoutError)."""
         deadline = time.monotonic() + timeout
         while not self.processes["scheduler"].ready.wait(0.1):
-            if self.failed:
-                raise RuntimeError("the scheduler exited during startup; its log is above")
+            if self.failure is not None:
+                raise RuntimeError(self.failure)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the stack was not serving after {timeout:.0f} s")
 
     @property
     def failed(self) -> bool:
-        """Whether the scheduler has exited on its own."""
-        scheduler = self.processes.get("scheduler")
-        return scheduler is not None and scheduler.proc.poll() is not None and not self._stopping.is_set()
+        """Whether the stack gave up on its own: a service failed to start, the scheduler exited, or a
+        rank hit its restart limit (`failure` says which)."""
+        return self.failure is not None
 
     def stop(self) -> int:
         """SIGTERM the scheduler (it drains), then every executor at once; returns the scheduler's code.

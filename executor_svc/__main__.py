@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -13,6 +14,13 @@ from executor_svc.server import serve
 from executor_svc.simulated_backend import SimulatedBackend
 from pagedserve.errors import InvalidArgumentError
 from pagedserve.logs import add_logging_arguments, configure_logging
+from pagedserve.ports import ListenPort, PortInUseError, check_ports
+
+log = logging.getLogger("pagedserve.executor")
+
+
+class StartupError(RuntimeError):
+    """The executor cannot start as configured; the message is the one line it prints before exiting."""
 
 
 def make_backend(config: ExecutorConfig) -> ExecutorBackend:
@@ -24,6 +32,23 @@ def make_backend(config: ExecutorConfig) -> ExecutorBackend:
     return ModelBackend(config)
 
 
+def start_backend(config: ExecutorConfig) -> ExecutorBackend:
+    """Check that the ports are free, then build the backend (loading the model).
+
+    What fails here is a setting, a model or a machine that will fail the same way on every start, so
+    it is raised as one StartupError line rather than a traceback (kept at DEBUG for a bug report).
+    """
+    check_ports([ListenPort("--port", config.host, config.port),
+                 ListenPort("--metrics-port", config.host, config.metrics_port)])
+    try:
+        return make_backend(config)
+    except InvalidArgumentError:
+        raise
+    except (OSError, ValueError, RuntimeError) as err:
+        log.debug("the backend could not start", exc_info=True)
+        raise StartupError(f"cannot start: {err}") from err
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pagedserve-executor` console script."""
     parser = argparse.ArgumentParser(prog="pagedserve-executor", description=__doc__)
@@ -33,10 +58,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         config = ExecutorConfig.from_sources(args)
-        asyncio.run(serve(config, make_backend(config)))
+        backend = start_backend(config)
+        asyncio.run(serve(config, backend))
     except InvalidArgumentError as err:
         print(f"pagedserve-executor: invalid {err}", file=sys.stderr)
         return 2
+    except (StartupError, PortInUseError) as err:
+        print(f"pagedserve-executor: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

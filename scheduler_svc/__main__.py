@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from pagedserve.errors import InvalidArgumentError
 from pagedserve.logs import add_logging_arguments, configure_logging
+from pagedserve.ports import ListenPort, check_ports
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.server import serve
 
@@ -29,12 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def listen_ports(config: SchedulerConfig) -> list[ListenPort]:
+    """The ports the scheduler listens on, by flag: checked before anything starts, so that a taken
+    one is a line naming its flag rather than a traceback after the servers began to start."""
+    return [ListenPort("--port", config.host, config.port),
+            ListenPort("--http-port", config.host, config.http_port),
+            ListenPort("--metrics-port", config.host, config.metrics_port)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pagedserve-scheduler` console script."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
         config = SchedulerConfig.from_sources(args)
+        check_ports(listen_ports(config))
         return asyncio.run(serve(config))
     except InvalidArgumentError as err:
         print(f"pagedserve-scheduler: invalid {err}", file=sys.stderr)
