@@ -174,7 +174,7 @@ class Soak:
         parsed = build_parser().parse_args(["serve", *STACK_FLAGS, *args.stack_flags])
         self.scheduler, executors = build_configs(parsed)
         self.stack = LocalStack(stack_specs(self.scheduler, executors),
-                                liveness_timeout=self.scheduler.executor_health_timeout_seconds,
+                                liveness_timeout=self.scheduler.serving.executor_health_timeout_seconds,
                                 base_environment=dict(os.environ, PYTHONPATH=_python_path()))
         self.kills = 0
 

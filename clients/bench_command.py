@@ -34,6 +34,7 @@ from clients.serve_command import READY_TIMEOUT_SECONDS, add_stack_arguments, bu
 from clients.server_metrics import ServerStats, scrape
 from clients.stack import LocalStack, stack_specs
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.settings import config_file_from_args
 from scheduler_svc.config import ENV_PREFIX
 
 API_NAMES = ("grpc", "openai")
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work = parser.add_argument_group("workload")
     work.add_argument("--trace", choices=TRACE_NAMES, default="sharegpt",
                       help="sharegpt (161 in / 338 out on average), alpaca (19 / 58) or fixed")
-    work.add_argument("--num-requests", type=int, default=100)
+    work.add_argument("--num-requests", type=int, default=100, help="requests per run (per request rate)")
     work.add_argument("--prompt-len", type=int, default=128, help="with --trace fixed")
     work.add_argument("--output-len", type=int, default=128, help="with --trace fixed")
     work.add_argument("--n", type=int, default=1, help="parallel samples per request")
@@ -77,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--label", default="pagedserve", help="the system's name in tables and plots")
     out.add_argument("--json", type=Path, help="write the result here")
     out.add_argument("--plot", type=Path, help="draw normalized latency vs request rate here (PNG)")
-    out.add_argument("--no-progress", dest="progress", action="store_false")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="leave out the progress bar on stderr")
     work.add_argument("--api", choices=API_NAMES, default="grpc",
                       help="send the requests over gRPC (default) or the OpenAI-compatible HTTP API "
                            "(streamed /v1/completions); the workload and the report are the same")
@@ -119,24 +121,30 @@ def run(args: argparse.Namespace) -> int:
     specs = [workload(args, rate) for rate in rates]        # validate before starting anything
     if args.target is not None:
         return _benchmark(args, specs, _remote_endpoint(args))
-    if args.port is None and ENV_PREFIX + "PORT" not in os.environ:
-        args.port = 0                                       # free ports: never collide with a server
-    if args.metrics_port is None and ENV_PREFIX + "METRICS_PORT" not in os.environ:
-        args.metrics_port = 0
+    config_file = config_file_from_args(args)
+    in_file = set(config_file.values) if config_file is not None else set()
+    for name in ("port", "metrics_port"):
+        # Free ports, never colliding with a server, unless the port was chosen somewhere.
+        chosen = ENV_PREFIX + name.upper() in os.environ or name in in_file
+        if getattr(args, name) is None and not chosen:
+            setattr(args, name, 0)
     scheduler, executors = build_configs(args)
+    serving = scheduler.serving
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
-                       liveness_timeout=scheduler.executor_health_timeout_seconds)
+                       liveness_timeout=serving.executor_health_timeout_seconds)
     stack.start()
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)
         stack.wait_ready(READY_TIMEOUT_SECONDS)
         metrics = stack.processes["scheduler"].metrics_address
-        roots = Path(scheduler.tls_cert_file).read_bytes() if scheduler.tls_cert_file else None
+        roots = Path(serving.tls_cert_file).read_bytes() if serving.tls_cert_file else None
         http = stack.processes["scheduler"].http_address
         endpoint = Endpoint(address, f"http://{metrics}/metrics" if metrics else None,
-                            scheduler.auth_token or None, roots,
-                            _http_url(http, scheduler.tls_cert_file) if http else None)
-        return _benchmark(args, specs, endpoint, config=dataclasses.asdict(scheduler))
+                            serving.auth_token or None, roots,
+                            _http_url(http, serving.tls_cert_file) if http else None)
+        # One flat mapping of every setting, as results recorded before the config was split.
+        config = dataclasses.asdict(scheduler.scheduling) | dataclasses.asdict(scheduler.serving)
+        return _benchmark(args, specs, endpoint, config=config)
     finally:
         stack.stop()
 

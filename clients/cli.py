@@ -17,6 +17,7 @@ from clients import (
 )
 from clients.client import PagedServeError
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.settings import HelpFormatter, add_version_argument, error_line
 
 
 class Command(Protocol):
@@ -43,11 +44,14 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The `pagedserve` parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="pagedserve", description="PagedAttention LLM serving.")
+    parser = argparse.ArgumentParser(prog="pagedserve", description="PagedAttention LLM serving.",
+                                     formatter_class=HelpFormatter)
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text, description=module.__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+                                      formatter_class=HelpFormatter)
+        add_version_argument(command)
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
     return parser
@@ -59,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except InvalidArgumentError as err:
-        print(f"pagedserve {args.command}: invalid {err}", file=sys.stderr)
+        print(error_line(f"pagedserve {args.command}", err), file=sys.stderr)
         return 2
     except PagedServeError as err:
         print(f"pagedserve {args.command}: {err}", file=sys.stderr)

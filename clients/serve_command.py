@@ -15,22 +15,32 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from clients.stack import LocalStack, free_port, stack_specs
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
-from pagedserve.config_sources import add_config_arguments, config_from_sources
 from pagedserve.errors import InvalidArgumentError
 from pagedserve.logs import add_logging_arguments, configure_logging, logging_environment
 from pagedserve.ports import PortInUseError
-from scheduler_svc.config import SchedulerConfig
+from pagedserve.settings import (
+    ConfigFile,
+    add_config_file_argument,
+    config_file_from_args,
+    options,
+    unknown_environment,
+    unknown_file_keys,
+    warn,
+)
+from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
+from scheduler_svc.config import SchedulerServiceConfig, ServingConfig, known_environment
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
-_LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model",
-                             "served_model_name", "max_model_len", "max_message_bytes",
-                             "distributed_init_address")
+LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model",
+                            "served_model_name", "max_model_len", "max_message_bytes",
+                            "distributed_init_address")
 READY_TIMEOUT_SECONDS = 900.0
 log = logging.getLogger("pagedserve.serve")
 
@@ -51,37 +61,54 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
                              "model's heads and MLP (default 1)")
     parser.add_argument("--no-restart-executors", dest="restart_executors", action="store_false",
                         help="leave an executor that died down (by default it is restarted on its port)")
-    SchedulerConfig.add_arguments(parser)
-    add_config_arguments(parser, ExecutorConfig, EXECUTOR_ENV_PREFIX, "executor",
-                         exclude=(*_LAUNCHER_EXECUTOR_FIELDS, "executor_addresses"))
+    add_config_file_argument(parser)
+    SchedulerServiceConfig.add_arguments(parser)
+    ExecutorConfig.add_arguments(parser, exclude=LAUNCHER_EXECUTOR_FIELDS)
 
 
-def build_configs(args: argparse.Namespace) -> tuple[SchedulerConfig, list[ExecutorConfig]]:
-    """The scheduler's config and one config per rank, validated, with ports chosen."""
+def build_configs(args: argparse.Namespace) -> tuple[SchedulerServiceConfig, list[ExecutorConfig]]:
+    """The scheduler's config and one config per rank, validated, with ports chosen.
+
+    Settings come from the flags, then the environment, then the --config file, then the defaults;
+    unknown PAGEDSERVE_* variables and file keys are warned about, with the closest valid name.
+    """
     if args.executors < 1:
         raise InvalidArgumentError("executors", f"must be at least 1, got {args.executors}")
-    scheduler = SchedulerConfig.from_sources(args)
-    base = config_from_sources(ExecutorConfig, args, None, EXECUTOR_ENV_PREFIX)
-    ephemeral = scheduler.port == 0
-    if ephemeral and scheduler.http_port:
+    config_file = config_file_from_args(args)
+    warn(unknown_settings(config_file))
+    service = SchedulerServiceConfig.from_sources(args, config_file=config_file)
+    base = ExecutorConfig.from_sources(args, config_file=config_file)
+    serving = service.serving
+    ephemeral = serving.port == 0
+    if ephemeral and serving.http_port:
         # `--port 0` picks free ports for everything (0 itself would turn the HTTP API off).
-        scheduler = dataclasses.replace(scheduler, http_port=free_port(scheduler.host))
+        serving = dataclasses.replace(serving, http_port=free_port(serving.host))
     # Rank 0 hosts the tensor-parallel group's rendezvous on a free port; every rank names it.
     rendezvous = (base.distributed_init_address if args.executors == 1
-                  else f"{scheduler.host}:{free_port(scheduler.host)}")
+                  else f"{serving.host}:{free_port(serving.host)}")
     executors = []
     for rank in range(args.executors):
-        port = free_port(scheduler.host) if ephemeral else scheduler.port + 10 + rank
-        metrics_port = 0 if scheduler.metrics_port <= 0 else scheduler.metrics_port + 1 + rank
+        port = free_port(serving.host) if ephemeral else serving.port + 10 + rank
+        metrics_port = 0 if serving.metrics_port <= 0 else serving.metrics_port + 1 + rank
         executors.append(dataclasses.replace(
-            base, host=scheduler.host, port=port, rank=rank, world_size=args.executors,
-            distributed_init_address=rendezvous, metrics_port=metrics_port, model=scheduler.model,
-            served_model_name=scheduler.served_model_name))
+            base, host=serving.host, port=port, rank=rank, world_size=args.executors,
+            distributed_init_address=rendezvous, metrics_port=metrics_port, model=serving.model,
+            served_model_name=serving.served_model_name))
     addresses = ",".join(f"{c.host}:{c.port}" for c in executors)
-    return dataclasses.replace(scheduler, executor_addresses=addresses), executors
+    serving = dataclasses.replace(serving, executor_addresses=addresses)
+    return dataclasses.replace(service, serving=serving), executors
 
 
-def run_demo(target: str, prompt: str, max_tokens: int, config: SchedulerConfig) -> None:
+def unknown_settings(config_file: ConfigFile | None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for the file's keys that `serve` has no flag for, and for unknown PAGEDSERVE_* variables."""
+    executor_keys = {o.name for o in options(ExecutorConfig, EXECUTOR_ENV_PREFIX)}
+    known_keys = {o.name for o in options(SchedulerServiceConfig, SCHEDULER_ENV_PREFIX)}
+    known_keys |= executor_keys - set(LAUNCHER_EXECUTOR_FIELDS)
+    warnings = unknown_file_keys(config_file, known_keys) if config_file is not None else []
+    return warnings + unknown_environment(os.environ if environ is None else environ, known_environment())
+
+
+def run_demo(target: str, prompt: str, max_tokens: int, config: ServingConfig) -> None:
     """Stream one completion of `prompt` through the client library to stdout."""
     from clients.client import PagedServeClient
 
@@ -104,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update(logging_environment(args.log_level, args.log_format))
     scheduler, executors = build_configs(args)
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
-                       liveness_timeout=scheduler.executor_health_timeout_seconds)
+                       liveness_timeout=scheduler.serving.executor_health_timeout_seconds)
     signal.signal(signal.SIGTERM, _interrupt)        # stop the children on SIGTERM as on Ctrl-C
     try:
         stack.start()
@@ -120,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         _status(f"serving on {address}{api} with {len(executors)} executor(s); Ctrl-C stops",
                 args.log_format)
         if args.demo_prompt:
-            run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler)
+            run_demo(address, args.demo_prompt, args.demo_max_tokens, scheduler.serving)
         while not stack.failed:
             time.sleep(0.5)
         if stack.failure is not None:

@@ -32,12 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Workload and pool flags (scheduling flags come from SchedulerConfig)."""
     parser.add_argument("--trace", choices=[*TRACES, "fixed"], default="sharegpt",
                         help="synthetic workload shape (default sharegpt: 161 in / 338 out on average)")
-    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--num-requests", type=int, default=200, help="requests in the trace")
     parser.add_argument("--prompt-len", type=int, default=128, help="with --trace fixed")
     parser.add_argument("--output-len", type=int, default=128, help="with --trace fixed")
     parser.add_argument("--n", type=int, default=1, help="parallel samples per request")
-    parser.add_argument("--beam-width", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beam-width", type=int, default=0, help="beam search of this width (0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the lengths, prompts and sampling")
     parser.add_argument("--kv-tokens", type=int, default=16384, help="GPU KV capacity in tokens")
     parser.add_argument("--cpu-kv-tokens", type=int, default=16384, help="CPU swap capacity in tokens")
     parser.add_argument("--model-len", type=int, default=2048, help="the model's maximum context")
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true",
                         help="verify KV contents and block accounting every step (slower)")
     parser.add_argument("--json", type=Path, help="also write the reports as JSON here")
-    SchedulerConfig.add_arguments(parser, serving=False)
+    SchedulerConfig.add_arguments(parser)
 
 
 def build_requests(args: argparse.Namespace) -> list[SimulatedRequest]:

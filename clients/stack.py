@@ -16,8 +16,6 @@ the stack gives up.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
 import logging
 import os
@@ -38,8 +36,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
 from pagedserve.ports import ListenPort, check_ports
+from pagedserve.settings import environment_of
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerServiceConfig
 
 log = logging.getLogger("pagedserve.serve")
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -56,18 +55,8 @@ LIVENESS_PROBE_INTERVAL_SECONDS = 1.0
 
 
 def config_environment(config: object, prefix: str) -> dict[str, str]:
-    """Every field of a config dataclass as `<prefix><FIELD>` environment variables."""
-    env = {}
-    for f in dataclasses.fields(config):  # type: ignore[arg-type]
-        value = getattr(config, f.name)
-        if value is None:
-            continue
-        if isinstance(value, enum.Enum):
-            value = value.value
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[prefix + f.name.upper()] = str(value)
-    return env
+    """Every field of a config dataclass (sections walked) as the environment variables it is read from."""
+    return environment_of(config, prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +68,7 @@ class ServiceSpec:
     environment: Mapping[str, str]
 
 
-def stack_specs(scheduler: SchedulerConfig, executors: list[ExecutorConfig]) -> list[ServiceSpec]:
+def stack_specs(scheduler: SchedulerServiceConfig, executors: list[ExecutorConfig]) -> list[ServiceSpec]:
     """The executor ranks, then the scheduler, each configured purely by environment."""
     specs = [ServiceSpec(f"executor-{c.rank}", (sys.executable, "-m", "executor_svc"),
                          config_environment(c, EXECUTOR_ENV_PREFIX)) for c in executors]

@@ -9,12 +9,20 @@ import sys
 from collections.abc import Sequence
 
 from executor_svc.backend import ExecutorBackend
-from executor_svc.config import Backend, ExecutorConfig
+from executor_svc.config import ENV_PREFIX, Backend, ExecutorConfig
 from executor_svc.server import serve
 from executor_svc.simulated_backend import SimulatedBackend
 from pagedserve.errors import InvalidArgumentError
 from pagedserve.logs import add_logging_arguments, configure_logging
 from pagedserve.ports import ListenPort, PortInUseError, check_ports
+from pagedserve.settings import (
+    HelpFormatter,
+    add_config_file_argument,
+    add_version_argument,
+    error_line,
+    from_command_line,
+)
+from scheduler_svc.config import known_environment
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -49,19 +57,27 @@ def start_backend(config: ExecutorConfig) -> ExecutorBackend:
         raise StartupError(f"cannot start: {err}") from err
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `pagedserve-executor` console script."""
-    parser = argparse.ArgumentParser(prog="pagedserve-executor", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The `pagedserve-executor` parser: every ExecutorConfig field, --config, --version, logging."""
+    parser = argparse.ArgumentParser(prog="pagedserve-executor", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    add_version_argument(parser)
+    add_config_file_argument(parser)
     ExecutorConfig.add_arguments(parser)
     add_logging_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pagedserve-executor` console script."""
+    args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        config = ExecutorConfig.from_sources(args)
+        config = from_command_line(ExecutorConfig, ENV_PREFIX, args, known_environment())
         backend = start_backend(config)
         asyncio.run(serve(config, backend))
     except InvalidArgumentError as err:
-        print(f"pagedserve-executor: invalid {err}", file=sys.stderr)
+        print(error_line("pagedserve-executor", err), file=sys.stderr)
         return 2
     except (StartupError, PortInUseError) as err:
         print(f"pagedserve-executor: {err}", file=sys.stderr)

@@ -1,17 +1,27 @@
-"""The executor's one frozen configuration; flags and PAGEDSERVE_EXECUTOR_* environment map onto it."""
+"""The executor's one frozen configuration; flags and PAGEDSERVE_EXECUTOR_* environment map onto it.
+
+Every field is described once by its `setting()` (pagedserve.settings): its flag, its environment
+variable, its config-file key and its README row come from there. The CUDA kernel switches keep the
+environment variables they have always had (PAGEDSERVE_CUDA_KERNELS, PAGEDSERVE_FUSED_LAYERS,
+PAGEDSERVE_KERNEL_CACHE); they are read once at start and passed to the model code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import enum
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pagedserve.config_sources import add_config_arguments, config_from_sources
 from pagedserve.default_model import default_model_dir
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.settings import BYTES, SECONDS, ConfigFile, add_arguments, resolve, setting
 
 ENV_PREFIX = "PAGEDSERVE_EXECUTOR_"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "dummy")
+DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
 
 
 class Backend(enum.Enum):
@@ -30,33 +40,57 @@ class Backend(enum.Enum):
 class ExecutorConfig:
     """Where the executor listens and what it runs."""
 
-    host: str = "127.0.0.1"
-    port: int = 50061
-    metrics_port: int = 0           # Prometheus /metrics; 0: a free ephemeral port, -1: no metrics server
-    backend: Backend = Backend.MODEL
-    model: str = ""
-    served_model_name: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
-    seed: int = 0
-    cpu_kv_cache_bytes: int = 2**30
-    rank: int = 0                   # this executor's place in its tensor-parallel group
-    world_size: int = 1             # tensor-parallel ranks; the model's heads and MLP are split over them
+    host: str = setting("127.0.0.1", "address the executor API and metrics listen on")
+    port: int = setting(50061, "the executor API's port (0 picks a free one)")
+    metrics_port: int = setting(0, "Prometheus /metrics; 0 a free port, -1 none")
+    backend: Backend = setting(Backend.MODEL, "what runs the plans: a model, or the simulated executor (no "
+                                              "model, no GPU)")
+    model: str = setting("", "local Hugging Face model directory", default_text="the embedded model",
+                         metavar="DIR")
+    served_model_name: str = setting("", "name reported by Describe", default_text="the directory's name",
+                                     metavar="NAME")
+    dtype: str = setting("auto", "weights and activations; auto is bfloat16 on CUDA, float32 on the CPU",
+                         choices=DTYPES)
+    device: str = setting("auto", "where the model runs; auto is CUDA if present (rank r on GPU r)",
+                          choices=("auto", "cpu", "cuda[:N]"))
+    load_format: str = setting("auto", "auto loads the checkpoint's weights, dummy random ones of the real "
+                                       "sizes", choices=LOAD_FORMATS)
+    seed: int = setting(0, "seed for dummy weights")
+    cpu_kv_cache_bytes: int = setting(2**30, "KV cache size when running on the CPU", unit=BYTES)
+    rank: int = setting(0, "this rank's place in its tensor-parallel group")
+    world_size: int = setting(1, "tensor-parallel ranks; the model's heads and MLP are split over them")
     # host:port where rank 0 hosts the group's rendezvous (a torch.distributed TCPStore); every rank of
     # the group gives the same address, reachable from all their hosts. Unused when world_size is 1.
-    distributed_init_address: str = "127.0.0.1:29500"
-    distributed_backend: str = "auto"   # auto: nccl on CUDA, gloo on the CPU
-    distributed_timeout_seconds: float = 600.0
+    distributed_init_address: str = setting(
+        "127.0.0.1:29500", "host:port where rank 0 hosts the group's rendezvous (the same on every rank)",
+        metavar="HOST:PORT")
+    distributed_backend: str = setting("auto", "collectives between ranks; auto is NCCL on CUDA, gloo on "
+                                               "the CPU", choices=DISTRIBUTED_BACKENDS)
+    distributed_timeout_seconds: float = setting(
+        600.0, "how long joining the group and each collective may take", unit=SECONDS)
     # A rank that has not heard a peer's heartbeat for this long exits (code 3) so the group restarts.
-    distributed_heartbeat_timeout_seconds: float = 30.0
-    max_model_len: int = 0
-    max_message_bytes: int = 256 * 2**20
-    cuda_graphs: bool = True        # replay decode steps as CUDA graphs (fp16/bf16 on CUDA with the kernels)
-    cuda_graph_max_batch: int = 256  # decode batches up to this many sequences use graphs; larger run eagerly
-    simulated_kv_tokens: int = 65536
-    simulated_vocab_size: int = 32000
-    simulated_eos_token_id: int = 2
+    distributed_heartbeat_timeout_seconds: float = setting(
+        30.0, "a rank that has not heard a peer for this long exits with code 3 so the group restarts",
+        unit=SECONDS)
+    max_model_len: int = setting(0, "longest sequence the executor accepts (0: the model's)")
+    max_message_bytes: int = setting(256 * 2**20, "gRPC message limit both ways", unit=BYTES)
+    cuda_graphs: bool = setting(True, "replay decode steps as CUDA graphs (fp16/bf16 on CUDA with the "
+                                      "kernels); off runs every step eagerly")
+    cuda_graph_max_batch: int = setting(256, "decode batches up to this many sequences replay a graph; "
+                                             "larger ones run eagerly")
+    # The kernel switches keep their historical variable names; they were once read on every layer call.
+    cuda_kernels: bool = setting(True, "PagedServe's CUDA kernels for attention and the KV cache on CUDA; "
+                                       "off selects the torch reference (for comparisons)",
+                                 env="PAGEDSERVE_CUDA_KERNELS")
+    fused_layers: bool = setting(True, "the fused RMSNorm, SwiGLU and rotary kernels (with --cuda-kernels); "
+                                       "off keeps the torch reference layers (for A/B measurements)",
+                                 env="PAGEDSERVE_FUSED_LAYERS")
+    kernel_cache: str = setting("", "directory the CUDA kernels are built into and loaded from",
+                                env="PAGEDSERVE_KERNEL_CACHE", default_text="~/.cache/pagedserve/kernels",
+                                metavar="DIR")
+    simulated_kv_tokens: int = setting(65536, "the simulated backend's KV cache, in tokens")
+    simulated_vocab_size: int = setting(32000, "the simulated backend's vocabulary size")
+    simulated_eos_token_id: int = setting(2, "the simulated backend's EOS token id")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
@@ -66,7 +100,7 @@ class ExecutorConfig:
         host, _, port = self.distributed_init_address.rpartition(":")
         _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "distributed_init_address",
                f"must be host:port, got {self.distributed_init_address!r}")
-        _check(self.distributed_backend in ("auto", "nccl", "gloo"), "distributed_backend",
+        _check(self.distributed_backend in DISTRIBUTED_BACKENDS, "distributed_backend",
                f"must be auto, nccl or gloo, got {self.distributed_backend!r}")
         _check(self.distributed_timeout_seconds > 0, "distributed_timeout_seconds", "must be > 0")
         _check(self.distributed_heartbeat_timeout_seconds > 0, "distributed_heartbeat_timeout_seconds",
@@ -75,11 +109,11 @@ class ExecutorConfig:
                "must be at least 2 (0 takes the model's own limit)")
         if self.backend is Backend.MODEL and not self.model:
             object.__setattr__(self, "model", default_model_dir())    # the embedded default model
-        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), "dtype",
+        _check(self.dtype in DTYPES, "dtype",
                f"must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                f"must be auto, cpu or cuda[:N], got {self.device!r}")
-        _check(self.load_format in ("auto", "dummy"), "load_format",
+        _check(self.load_format in LOAD_FORMATS, "load_format",
                f"must be auto (the checkpoint's weights) or dummy (random), got {self.load_format!r}")
         _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
         _check(self.max_message_bytes >= 4 * 2**20, "max_message_bytes", "must be at least 4 MiB")
@@ -95,15 +129,15 @@ class ExecutorConfig:
         return f"{self.host}:{self.port}"
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add one `--flag` per field; each defaults to `PAGEDSERVE_EXECUTOR_<FIELD>`."""
-        add_config_arguments(parser, cls, ENV_PREFIX, "executor")
+    def add_arguments(cls, parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+        """Add one `--flag` per field (but `exclude`); each defaults to its environment variable."""
+        add_arguments(parser, cls, ENV_PREFIX, "executor", exclude=exclude)
 
     @classmethod
-    def from_sources(cls, args: argparse.Namespace | None = None,
-                     environ: Mapping[str, str] | None = None) -> ExecutorConfig:
-        """Flags win over environment, which wins over defaults."""
-        return config_from_sources(cls, args, environ, ENV_PREFIX)
+    def from_sources(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+                     config_file: ConfigFile | None = None) -> ExecutorConfig:
+        """Flags win over environment, which wins over the config file, which wins over defaults."""
+        return resolve(cls, ENV_PREFIX, args, os.environ if environ is None else environ, config_file)
 
 
 def _check(condition: bool, name: str, message: str) -> None:

@@ -17,25 +17,35 @@ from collections.abc import Sequence
 from pagedserve.errors import InvalidArgumentError
 from pagedserve.logs import add_logging_arguments, configure_logging
 from pagedserve.ports import ListenPort, check_ports
-from scheduler_svc.config import SchedulerConfig
+from pagedserve.settings import (
+    HelpFormatter,
+    add_config_file_argument,
+    add_version_argument,
+    error_line,
+    from_command_line,
+)
+from scheduler_svc.config import ENV_PREFIX, SchedulerServiceConfig, known_environment
 from scheduler_svc.server import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `pagedserve-scheduler` parser: every SchedulerConfig field plus --log-level and --log-format."""
+    """The `pagedserve-scheduler` parser: every SchedulerServiceConfig field, --config, --version, logging."""
     parser = argparse.ArgumentParser(prog="pagedserve-scheduler", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    SchedulerConfig.add_arguments(parser)
+                                     formatter_class=HelpFormatter)
+    add_version_argument(parser)
+    add_config_file_argument(parser)
+    SchedulerServiceConfig.add_arguments(parser)
     add_logging_arguments(parser)
     return parser
 
 
-def listen_ports(config: SchedulerConfig) -> list[ListenPort]:
+def listen_ports(config: SchedulerServiceConfig) -> list[ListenPort]:
     """The ports the scheduler listens on, by flag: checked before anything starts, so that a taken
     one is a line naming its flag rather than a traceback after the servers began to start."""
-    return [ListenPort("--port", config.host, config.port),
-            ListenPort("--http-port", config.host, config.http_port),
-            ListenPort("--metrics-port", config.host, config.metrics_port)]
+    serving = config.serving
+    return [ListenPort("--port", serving.host, serving.port),
+            ListenPort("--http-port", serving.host, serving.http_port),
+            ListenPort("--metrics-port", serving.host, serving.metrics_port)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,11 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     try:
-        config = SchedulerConfig.from_sources(args)
+        config = from_command_line(SchedulerServiceConfig, ENV_PREFIX, args, known_environment())
         check_ports(listen_ports(config))
         return asyncio.run(serve(config))
     except InvalidArgumentError as err:
-        print(f"pagedserve-scheduler: invalid {err}", file=sys.stderr)
+        print(error_line("pagedserve-scheduler", err), file=sys.stderr)
         return 2
     except OSError as err:          # a port that is taken, a certificate that cannot be read
         print(f"pagedserve-scheduler: {err}", file=sys.stderr)

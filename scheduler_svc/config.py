@@ -1,15 +1,33 @@
-"""The scheduler's one frozen configuration, validated once; CLI flags and environment map onto it."""
+"""The scheduler service's frozen configuration, by concern, validated once.
+
+SchedulerConfig is the scheduling policy and its budgets (all the pure scheduler and `pagedserve
+simulate` need); ServingConfig is how the service serves (listening, executors, limits, timeouts,
+TLS); SchedulerServiceConfig composes the two. Every field is also a flag and a `PAGEDSERVE_<FIELD>`
+environment variable, described once by its `setting()` (pagedserve.settings).
+"""
 
 from __future__ import annotations
 
 import argparse
 import enum
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from pagedserve.config_sources import add_config_arguments, config_from_sources
 from pagedserve.default_model import default_model_dir
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.settings import (
+    BYTES,
+    SECONDS,
+    ConfigFile,
+    add_arguments,
+    build,
+    env_names,
+    resolve,
+    section,
+    setting,
+)
 
 ENV_PREFIX = "PAGEDSERVE_"
 MAX_BLOCK_SIZE = 256
@@ -54,47 +72,30 @@ class SchedulerConfig:
     from the executors.
     """
 
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    enable_chunked_prefill: bool = False
+    block_size: int = setting(16, "tokens per KV block (a power of two up to 256)")
+    max_num_seqs: int = setting(256, "sequences running at once")
+    max_num_batched_tokens: int = setting(
+        8192, "prompt tokens per step (each running sequence adds its decode token)")
+    max_model_len: int | None = setting(None, "longest sequence, prompt plus output",
+                                        default_text="the model's")
+    enable_chunked_prefill: bool = setting(
+        False, "split long prompts over steps (with --max-num-batched-tokens 2048: lower tail latency, "
+               "higher median TTFT; serving_mixed_split_h200.md)")
     # Cache full prompt blocks by content; a prompt that starts like an earlier one reuses its blocks.
-    enable_prefix_caching: bool = False
-    preemption_mode: PreemptionPolicy = PreemptionPolicy.AUTO
-    reservation: ReservationMode = ReservationMode.PAGED
-    watermark: float = 0.01
-    gpu_memory_utilization: float = 0.9
-    swap_space_bytes: int = 4 * 2**30
-    # ---- serving (the frontend and the engine; unused by the pure scheduler and `simulate`) ----
-    host: str = "127.0.0.1"
-    port: int = 50051
-    # The OpenAI-compatible HTTP API, on `host` beside the gRPC API (0 turns it off).
-    http_port: int = 8000
-    # A Jinja chat template file for /v1/chat/completions, instead of the model's tokenizer_config.json one.
-    chat_template: str = ""
-    executor_addresses: str = "127.0.0.1:50061"
-    model: str = ""
-    served_model_name: str = ""
-    max_waiting_requests: int = 16384
-    max_request_bytes: int = 4 * 2**20
-    executor_grace_seconds: float = 60.0
-    # A rank whose step result is this late is hung (a wedged kernel or collective): the engine
-    # recovers as for a crash, the rank reads NOT_SERVING, and `pagedserve serve` restarts it. The
-    # slowest legitimate step measured is 19 s (an 8,160-token prefill step of a small model on the
-    # 2-core CPU); the 7B serving runs on an H200 average 25-55 ms a step. Raise it for big models on
-    # a CPU.
-    executor_step_timeout_seconds: float = 120.0
-    # A rank that has not answered its health check with SERVING for this long is hung (a stopped or
-    # frozen process) and is treated the same way. Health answers take milliseconds even mid-step.
-    executor_health_timeout_seconds: float = 10.0
-    startup_timeout_seconds: float = 600.0
-    shutdown_grace_seconds: float = 30.0
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    auth_token: str = ""
-    metrics_port: int = 9400
-    async_scheduling: bool = True
+    enable_prefix_caching: bool = setting(
+        False, "cache full prompt blocks by content: a prompt that starts like an earlier one (a system "
+               "prompt, few-shot examples, a conversation so far) shares its blocks and computes only the "
+               "rest; unreferenced cached blocks are evicted least recently used first, only when no free "
+               "block is left; usage reports cached_prompt_tokens")
+    preemption_mode: PreemptionPolicy = setting(
+        PreemptionPolicy.AUTO, "how a running group is evicted when blocks run out: auto recomputes single "
+                               "sequences and swaps groups of several")
+    reservation: ReservationMode = setting(
+        ReservationMode.PAGED, "KV memory reserved at admission: paged (blocks on demand) or one of the "
+                               "paper's contiguous-reservation baselines")
+    watermark: float = setting(0.01, "fraction of GPU blocks kept free at admission and swap-in")
+    gpu_memory_utilization: float = setting(0.9, "passed to executors when they size their KV cache")
+    swap_space_bytes: int = setting(4 * 2**30, "CPU swap space per executor", unit=BYTES)
 
     def __post_init__(self) -> None:
         # Any power of two works for scheduling; the executor checks what its kernels support.
@@ -113,9 +114,82 @@ class SchedulerConfig:
         _check(not self.enable_prefix_caching or self.reservation is ReservationMode.PAGED,
                "enable_prefix_caching", f"needs reservation 'paged' (blocks shared by reference), got "
                f"{self.reservation.value!r}")
-        self._check_serving()
 
-    def _check_serving(self) -> None:
+    def check_model_len(self, max_model_len: int) -> None:
+        """Check that a prompt of `max_model_len` tokens can be scheduled under these budgets."""
+        _check(self.enable_chunked_prefill or self.max_num_batched_tokens >= max_model_len,
+               "max_num_batched_tokens",
+               f"must be at least max_model_len ({max_model_len}) unless chunked prefill is enabled, "
+               f"got {self.max_num_batched_tokens}")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one `--flag` per scheduling field; each defaults to `PAGEDSERVE_<FIELD>`."""
+        add_arguments(parser, cls, ENV_PREFIX, "scheduling")
+
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+                     config_file: ConfigFile | None = None) -> SchedulerConfig:
+        """Build the policy: a CLI flag wins over `PAGEDSERVE_*` environment, then the file, then defaults."""
+        return resolve(cls, ENV_PREFIX, args, _environ(environ), config_file)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingConfig:
+    """How the scheduler service serves: its APIs, its executors, request limits, timeouts and TLS.
+
+    The frontend and the engine read it; the pure scheduler and `simulate` never do.
+    """
+
+    host: str = setting("127.0.0.1", "address the gRPC, HTTP and metrics servers listen on")
+    port: int = setting(50051, "the gRPC API's port (0 picks a free one)")
+    # The OpenAI-compatible HTTP API, on `host` beside the gRPC API (0 turns it off).
+    http_port: int = setting(8000, "the OpenAI-compatible HTTP API's port on --host; 0 turns it off "
+                                   "(serve --port 0 gives it a free port)")
+    # A Jinja chat template file for /v1/chat/completions, instead of the model's tokenizer_config.json one.
+    chat_template: str = setting("", "a Jinja chat template file for /v1/chat/completions instead of the one "
+                                     "in the model's tokenizer_config.json", default_text="the model's",
+                                 metavar="FILE")
+    executor_addresses: str = setting("127.0.0.1:50061", "the executor ranks, host:port comma-separated in "
+                                                         "rank order (serve sets it)",
+                                  metavar="HOST:PORT[,...]")
+    model: str = setting("", "model directory whose tokenizer the scheduler uses (serve also gives it to "
+                             "the executors)", default_text="the embedded model", metavar="DIR")
+    served_model_name: str = setting("", "name reported by GetModelInfo", default_text="the executor's",
+                                     metavar="NAME")
+    max_waiting_requests: int = setting(16384, "waiting queue bound; beyond it RESOURCE_EXHAUSTED")
+    max_request_bytes: int = setting(4 * 2**20, "largest GenerateRequest; beyond it INVALID_ARGUMENT",
+                                     unit=BYTES)
+    executor_grace_seconds: float = setting(
+        60.0, "how long live requests wait for a lost executor before UNAVAILABLE", unit=SECONDS)
+    # A rank whose step result is this late is hung (a wedged kernel or collective): the engine
+    # recovers as for a crash, the rank reads NOT_SERVING, and `pagedserve serve` restarts it. The
+    # slowest legitimate step measured is 19 s (an 8,160-token prefill step of a small model on the
+    # 2-core CPU); the 7B serving runs on an H200 average 25-55 ms a step. Raise it for big models on
+    # a CPU.
+    executor_step_timeout_seconds: float = setting(
+        120.0, "a rank whose step result is this late is hung (a wedged kernel or collective): "
+               "NOT_SERVING, its requests are kept and recomputed as after a crash, and serve restarts it; "
+               "the slowest legitimate step measured is 19 s (an 8,160-token prefill of a small model on "
+               "the 2-core CPU), so raise it for big models on a CPU", unit=SECONDS)
+    # A rank that has not answered its health check with SERVING for this long is hung (a stopped or
+    # frozen process) and is treated the same way. Health answers take milliseconds even mid-step.
+    executor_health_timeout_seconds: float = setting(
+        10.0, "a rank that has not answered its gRPC health check with SERVING for this long (a stopped or "
+              "frozen process) is hung in the same way; serve kills and restarts it", unit=SECONDS)
+    startup_timeout_seconds: float = setting(600.0, "how long to wait for the executors at start",
+                                             unit=SECONDS)
+    shutdown_grace_seconds: float = setting(30.0, "how long SIGTERM lets live requests finish", unit=SECONDS)
+    tls_cert_file: str = setting("", "serve TLS with this PEM certificate chain (with --tls-key-file)",
+                                  metavar="FILE")
+    tls_key_file: str = setting("", "the PEM private key of --tls-cert-file", metavar="FILE")
+    auth_token: str = setting("", "require 'authorization: Bearer <token>' (prefer the environment variable "
+                                  "to the flag)", metavar="TOKEN")
+    metrics_port: int = setting(9400, "Prometheus /metrics on --host; 0 a free port, -1 none")
+    async_scheduling: bool = setting(True, "plan the next step while one runs (--no-async-scheduling: one "
+                                           "step at a time)")
+
+    def __post_init__(self) -> None:
         if not self.model:
             object.__setattr__(self, "model", default_model_dir())    # the embedded default model
         _check(0 <= self.port < 65536, "port", f"must be in [0, 65535], got {self.port}")
@@ -149,34 +223,45 @@ class SchedulerConfig:
         """host:port the frontend listens on."""
         return f"{self.host}:{self.port}"
 
-    def check_model_len(self, max_model_len: int) -> None:
-        """Check that a prompt of `max_model_len` tokens can be scheduled under these budgets."""
-        _check(self.enable_chunked_prefill or self.max_num_batched_tokens >= max_model_len,
-               "max_num_batched_tokens",
-               f"must be at least max_model_len ({max_model_len}) unless chunked prefill is enabled, "
-               f"got {self.max_num_batched_tokens}")
+
+@dataclass(frozen=True, slots=True)
+class SchedulerServiceConfig:
+    """What `pagedserve-scheduler` runs with: the scheduling policy and the serving settings."""
+
+    scheduling: SchedulerConfig = section(SchedulerConfig, "scheduling")
+    serving: ServingConfig = section(ServingConfig, "serving")
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, serving: bool = True) -> None:
-        """Add one `--flag` per field; each defaults to `PAGEDSERVE_<FIELD>` from the environment.
-
-        `serving=False` leaves out the frontend and engine fields (for the offline simulation).
-        """
-        add_config_arguments(parser, cls, ENV_PREFIX, "scheduling",
-                             exclude=() if serving else SERVING_FIELDS)
+    def of(cls, **fields: Any) -> SchedulerServiceConfig:
+        """The config with these fields (flat names: `port=0, block_size=32`), each in its part."""
+        return build(cls, **fields)
 
     @classmethod
-    def from_sources(cls, args: argparse.Namespace | None = None,
-                     environ: Mapping[str, str] | None = None) -> SchedulerConfig:
-        """Build the config: a CLI flag wins over `PAGEDSERVE_*` environment, which wins over defaults."""
-        return config_from_sources(cls, args, environ, ENV_PREFIX, int_fields=("max_model_len",))
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--flag` per field of both parts, grouped by part; each defaults to `PAGEDSERVE_<FIELD>`."""
+        add_arguments(parser, cls, ENV_PREFIX)
+
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+                     config_file: ConfigFile | None = None) -> SchedulerServiceConfig:
+        """Build the config: a flag wins over `PAGEDSERVE_*` environment, then the file, then defaults."""
+        return resolve(cls, ENV_PREFIX, args, _environ(environ), config_file)
 
 
-SERVING_FIELDS = ("host", "port", "http_port", "chat_template", "executor_addresses", "model",
-                  "served_model_name", "max_waiting_requests", "max_request_bytes", "executor_grace_seconds",
-                  "executor_step_timeout_seconds", "executor_health_timeout_seconds",
-                  "startup_timeout_seconds", "shutdown_grace_seconds", "tls_cert_file", "tls_key_file",
-                  "auth_token", "metrics_port", "async_scheduling")
+def known_environment() -> set[str]:
+    """The environment variables of both services' configs.
+
+    Under `pagedserve serve`, and in compose files, the services see one environment, so a variable of
+    the other service's is known rather than a typo worth a warning.
+    """
+    from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX  # no torch: a leaf module
+    from executor_svc.config import ExecutorConfig
+
+    return env_names(SchedulerServiceConfig, ENV_PREFIX) | env_names(ExecutorConfig, EXECUTOR_PREFIX)
+
+
+def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
 
 
 def _check(condition: bool, name: str, message: str) -> None:

@@ -40,7 +40,7 @@ from pagedserve.contract.plan import StepPlan, StepResult
 from pagedserve.contract.plan_codec import ExecutorStepError, plan_to_proto, result_from_proto
 from pagedserve.errors import InvalidArgumentError, RequestErrorKind
 from pagedserve.v1 import executor_pb2 as pb
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerServiceConfig
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.outputs import RequestOutput
@@ -117,7 +117,7 @@ class StepTiming:
 class Engine:
     """Owns the scheduler and the executor links; the frontend calls `submit`, `abort` and `model_info`."""
 
-    def __init__(self, config: SchedulerConfig, tokenizer: Any, metrics: SchedulerMetrics,
+    def __init__(self, config: SchedulerServiceConfig, tokenizer: Any, metrics: SchedulerMetrics,
                  on_serving_change: Callable[[bool], None] = lambda serving: None) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -125,7 +125,7 @@ class Engine:
         self._token_texts = TokenTexts(tokenizer)
         self._on_serving_change = on_serving_change
         self.links = [ExecutorLink(address, rank)
-                      for rank, address in enumerate(config.executor_list)]
+                      for rank, address in enumerate(config.serving.executor_list)]
         self.scheduler: Scheduler | None = None
         self.info: ModelInfo | None = None
         self.streams: dict[str, RequestStream] = {}
@@ -149,7 +149,7 @@ class Engine:
 
     async def start(self) -> None:
         """Handshake with every rank (waiting up to startup_timeout_seconds), then run the loop."""
-        deadline = time.monotonic() + self.config.startup_timeout_seconds
+        deadline = time.monotonic() + self.config.serving.startup_timeout_seconds
         await self._handshake(deadline, first=True)
         self._hung = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name="engine-loop")
@@ -177,11 +177,11 @@ class Engine:
                     raise UnavailableError(f"executor rank {link.rank} at {link.address} is not serving")
                 await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
         described = [await link.describe() for link in self.links]
-        request = pb.InitCacheRequest(block_size=self.config.block_size,
-                                      gpu_memory_utilization=self.config.gpu_memory_utilization,
-                                      swap_space_bytes=self.config.swap_space_bytes,
+        request = pb.InitCacheRequest(block_size=self.config.scheduling.block_size,
+                                      gpu_memory_utilization=self.config.scheduling.gpu_memory_utilization,
+                                      swap_space_bytes=self.config.scheduling.swap_space_bytes,
                                       max_num_batched_tokens=self._max_step_tokens(),
-                                      step_timeout_seconds=self.config.executor_step_timeout_seconds)
+                                      step_timeout_seconds=self.config.serving.executor_step_timeout_seconds)
         # All at once: under tensor parallelism the ranks' profiling passes meet in collectives.
         caches = await asyncio.gather(*(link.init_cache(request) for link in self.links))
         num_gpu = min(c.num_gpu_blocks for c in caches)
@@ -198,20 +198,20 @@ class Engine:
         self._set_serving(True)
 
     def _max_step_tokens(self) -> int:
-        return self.config.max_num_batched_tokens + self.config.max_num_seqs
+        return self.config.scheduling.max_num_batched_tokens + self.config.scheduling.max_num_seqs
 
     def _build_scheduler(self, described: list[pb.DescribeResponse], num_gpu: int, num_cpu: int) -> None:
         head = described[0]
         max_model_len = min(d.max_model_len for d in described)
-        if self.config.max_model_len is not None:
-            max_model_len = min(max_model_len, self.config.max_model_len)
-        self.scheduler = Scheduler(self.config, num_gpu, num_cpu, max_model_len,
+        if self.config.scheduling.max_model_len is not None:
+            max_model_len = min(max_model_len, self.config.scheduling.max_model_len)
+        self.scheduler = Scheduler(self.config.scheduling, num_gpu, num_cpu, max_model_len,
                                    eos_token_ids=head.eos_token_ids, vocab_size=head.vocab_size)
-        self.info = ModelInfo(model_name=self.config.served_model_name or head.model_name,
-                              max_model_len=max_model_len, block_size=self.config.block_size,
+        self.info = ModelInfo(model_name=self.config.serving.served_model_name or head.model_name,
+                              max_model_len=max_model_len, block_size=self.config.scheduling.block_size,
                               num_gpu_blocks=num_gpu, num_cpu_blocks=num_cpu, vocab_size=head.vocab_size,
                               eos_token_ids=tuple(head.eos_token_ids), world_size=len(self.links))
-        self.metrics.set_cache_info(num_gpu, num_cpu, self.config.block_size)
+        self.metrics.set_cache_info(num_gpu, num_cpu, self.config.scheduling.block_size)
         log.info("serving %s: %d GPU blocks (%d tokens), %d CPU blocks, max_model_len %d, %d rank(s)",
                  self.info.model_name, num_gpu, self.info.kv_capacity_tokens, num_cpu, max_model_len,
                  len(self.links))
@@ -237,9 +237,9 @@ class Engine:
             raise UnavailableError("no executor is serving: they were lost and have not come back")
         if self._stopped_by is not None:
             raise UnavailableError(f"the scheduler's engine stopped ({self._stopped_by!r}); restart it")
-        if len(scheduler.waiting) >= self.config.max_waiting_requests:
-            raise QueueFullError(f"the waiting queue is full ({self.config.max_waiting_requests} requests); "
-                                 "retry later")
+        limit = self.config.serving.max_waiting_requests
+        if len(scheduler.waiting) >= limit:
+            raise QueueFullError(f"the waiting queue is full ({limit} requests); retry later")
         _check_fits(len(prompt_token_ids), params.max_tokens, scheduler.max_model_len)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.streams:
@@ -273,7 +273,7 @@ class Engine:
 
     def _grace_expired(self) -> bool:
         since = self.unavailable_since
-        return since is not None and time.monotonic() - since > self.config.executor_grace_seconds
+        return since is not None and time.monotonic() - since > self.config.serving.executor_grace_seconds
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -340,7 +340,7 @@ class Engine:
     async def _step(self) -> None:
         """Plan ahead when allowed, hand out the last reports, then take the oldest step's results."""
         assert self.scheduler is not None
-        if self.config.async_scheduling:
+        if self.config.serving.async_scheduling:
             started = time.perf_counter()
             ahead = self.scheduler.schedule_ahead()
             if ahead is not None:
@@ -364,7 +364,7 @@ class Engine:
         a rank hung, and ExecutorHungError naming the late ranks when they have not all answered within
         executor_step_timeout_seconds.
         """
-        timeout = self.config.executor_step_timeout_seconds
+        timeout = self.config.serving.executor_step_timeout_seconds
         reads = [asyncio.ensure_future(link.receive()) for link in self.links]
         hung = self._hung
         pending: set[asyncio.Future[Any]] = set(reads)
@@ -397,7 +397,7 @@ class Engine:
         The step timeout catches a rank that wedges mid-step; this probe catches a stopped or frozen
         process at once, also while the engine is idle, before any request finds out.
         """
-        timeout = self.config.executor_health_timeout_seconds
+        timeout = self.config.serving.executor_health_timeout_seconds
         last_serving = {link.rank: time.monotonic() for link in self.links}
         while True:
             await asyncio.sleep(LIVENESS_PROBE_INTERVAL_SECONDS)
@@ -493,7 +493,7 @@ class Engine:
         assert self.scheduler is not None
         self._hung = asyncio.get_running_loop().create_future()
         log.error("executor failure: %s; live requests wait up to %.0f s for the executors to come back",
-                  _describe_error(err), self.config.executor_grace_seconds)
+                  _describe_error(err), self.config.serving.executor_grace_seconds)
         if isinstance(err, ExecutorStepError):
             message = f"an executor failed on a step of this request: {err}"
             self.scheduler.fail_requests(self.scheduler.in_flight_request_ids(), RequestErrorKind.INTERNAL,
@@ -515,7 +515,8 @@ class Engine:
             if self._grace_expired() and self.scheduler.has_unfinished:
                 self.scheduler.fail_requests(list(self.scheduler.groups), RequestErrorKind.UNAVAILABLE,
                                              "no executor served within the grace period of "
-                                             f"{self.config.executor_grace_seconds:.0f} s; retry later")
+                                             f"{self.config.serving.executor_grace_seconds:.0f} s; "
+                                             "retry later")
                 self._dispatch(self._take_pending())
             await asyncio.sleep(RECONNECT_INTERVAL_SECONDS)
 

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.chat_template import ChatRenderer, load_chat_template
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import ServingConfig
 from scheduler_svc.engine import Engine
 from scheduler_svc.frontend import TokenizerThread
 from scheduler_svc.openai_errors import OpenAIError, bad_request, from_submit_error, not_serving, unauthorized
@@ -74,7 +74,7 @@ class EventStreamResponse(StreamingResponse):
             await self._events.aclose()
 
 
-def build_app(engine: Engine, tokenizer_thread: TokenizerThread, config: SchedulerConfig) -> FastAPI:
+def build_app(engine: Engine, tokenizer_thread: TokenizerThread, config: ServingConfig) -> FastAPI:
     """The HTTP API over `engine`; raises InvalidArgumentError when the chat template file is unreadable."""
     renderer = ChatRenderer(tokenizer_thread.tokenizer, load_chat_template(config.chat_template))
     serving = OpenAIServing(engine, tokenizer_thread, renderer)

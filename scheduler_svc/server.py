@@ -31,7 +31,7 @@ from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
 from scheduler_svc import request_log
 from scheduler_svc.api_codec import ParsedRequest, parse_request, response_to_proto
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerServiceConfig, ServingConfig
 from scheduler_svc.engine import Engine, QueueFullError, ShuttingDownError, UnavailableError
 from scheduler_svc.frontend import TokenizerThread, follow
 from scheduler_svc.http_server import HttpServer
@@ -58,7 +58,7 @@ _SUBMIT_ERRORS: dict[type[Exception], grpc.StatusCode] = {
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Generate, Abort and GetModelInfo over the engine."""
 
-    def __init__(self, engine: Engine, config: SchedulerConfig, tokenizer_thread: TokenizerThread) -> None:
+    def __init__(self, engine: Engine, config: ServingConfig, tokenizer_thread: TokenizerThread) -> None:
         self._engine = engine
         self._config = config
         self._tokenizer_thread = tokenizer_thread
@@ -158,21 +158,22 @@ def _denying_handler(handler: Any) -> Any:
                 response_serializer=handler.response_serializer)
 
 
-def _server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
+def _server_options(config: SchedulerServiceConfig) -> list[tuple[str, int]]:
     # gRPC's own limit sits above max_request_bytes so that an oversized request reaches Generate and
     # gets INVALID_ARGUMENT naming the limit rather than a bare RESOURCE_EXHAUSTED from the transport.
-    limit = max(4 * config.max_request_bytes, 64 * 2**20)
+    limit = max(4 * config.serving.max_request_bytes, 64 * 2**20)
     # gRPC core holds calls that arrived before the server asked for the next one, and past 1,000 of
     # them (its default) it resets a growing share of new ones, all past 3,000: a burst of requests
     # sent at once then lost some as a bare CANCELLED that no handler saw. The queue limit is ours to
     # enforce (max_waiting_requests, RESOURCE_EXHAUSTED), so core's backlog is sized well above it.
-    backlog = max(PENDING_CALLS_FLOOR, 4 * (config.max_waiting_requests + config.max_num_seqs))
+    running = config.scheduling.max_num_seqs
+    backlog = max(PENDING_CALLS_FLOOR, 4 * (config.serving.max_waiting_requests + running))
     return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 256 * 2**20),
             ("grpc.server.max_pending_requests", backlog),
             ("grpc.server.max_pending_requests_hard_limit", backlog)]
 
 
-def _bind(server: grpc.aio.Server, config: SchedulerConfig) -> int:
+def _bind(server: grpc.aio.Server, config: ServingConfig) -> int:
     if config.tls_cert_file:
         credentials = grpc.ssl_server_credentials(
             [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())])
@@ -187,10 +188,11 @@ def _bind(server: grpc.aio.Server, config: SchedulerConfig) -> int:
 class SchedulerServer:
     """The frontend, the engine and the metrics endpoint of one scheduler process."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerServiceConfig) -> None:
         self.config = config
-        self.metrics = SchedulerMetrics(model_name=model_label(config.served_model_name, config.model))
-        model_dir = config.model or default_model_dir()
+        self.metrics = SchedulerMetrics(model_name=model_label(config.serving.served_model_name,
+                                                               config.serving.model))
+        model_dir = config.serving.model or default_model_dir()
         try:
             tokenizer = load_tokenizer(model_dir)
         except (OSError, ValueError) as err:
@@ -199,13 +201,13 @@ class SchedulerServer:
         self.engine = Engine(config, tokenizer, self.metrics, self._serving_changed)
         self.tokenizer_thread = TokenizerThread(tokenizer)
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if config.auth_token:
+        if config.serving.auth_token:
             interceptors.append(BearerTokenInterceptor(
-                config.auth_token, lambda: self.metrics.record_request_rejected("UNAUTHENTICATED")))
+                config.serving.auth_token, lambda: self.metrics.record_request_rejected("UNAUTHENTICATED")))
         # After auth: an unauthenticated call is refused as such, whatever its bytes.
         interceptors.append(DecodeErrorInterceptor(self._count_undecodable))
         self.server = grpc.aio.server(options=_server_options(config), interceptors=interceptors)
-        servicer = GenerationServicer(self.engine, config, self.tokenizer_thread)
+        servicer = GenerationServicer(self.engine, config.serving, self.tokenizer_thread)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
@@ -214,10 +216,11 @@ class SchedulerServer:
         self.metrics_port: int | None = None
         # The OpenAI-compatible HTTP API, on the same loop and over the same engine (http_port 0: none).
         self.http: HttpServer | None = None
-        if config.http_port:
-            app = build_app(self.engine, self.tokenizer_thread, config)
-            self.http = HttpServer(app, config.host, config.http_port, config.tls_cert_file,
-                                   config.tls_key_file)
+        if config.serving.http_port:
+            serving = config.serving
+            app = build_app(self.engine, self.tokenizer_thread, serving)
+            self.http = HttpServer(app, serving.host, serving.http_port, serving.tls_cert_file,
+                                   serving.tls_key_file)
         self._health_tasks: set[asyncio.Task[None]] = set()
 
     def _count_undecodable(self, method: str) -> None:
@@ -241,17 +244,17 @@ class SchedulerServer:
         if self.http is not None:
             # First: its port is fixed, and the ports picked by the OS below could land on it.
             await self.http.start()
-        self.port = _bind(self.server, self.config)
+        self.port = _bind(self.server, self.config.serving)
         await self.server.start()
-        if self.config.metrics_port >= 0:
-            self.metrics_port = start_metrics_server(self.metrics.registry, self.config.host,
-                                                     self.config.metrics_port)
-        scheme = "tls" if self.config.tls_cert_file else "insecure"
-        log.info("pagedserve-scheduler listening on %s:%d (%s)", self.config.host, self.port, scheme)
+        if self.config.serving.metrics_port >= 0:
+            self.metrics_port = start_metrics_server(self.metrics.registry, self.config.serving.host,
+                                                     self.config.serving.metrics_port)
+        scheme = "tls" if self.config.serving.tls_cert_file else "insecure"
+        log.info("pagedserve-scheduler listening on %s:%d (%s)", self.config.serving.host, self.port, scheme)
         if self.metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.serving.host, self.metrics_port)
         if self.http is not None:
-            log.info("http on %s://%s:%d (OpenAI-compatible API)", self.http.scheme, self.config.host,
+            log.info("http on %s://%s:%d (OpenAI-compatible API)", self.http.scheme, self.config.serving.host,
                      self.http.port)
 
     async def drain_and_stop(self) -> None:
@@ -259,10 +262,10 @@ class SchedulerServer:
         engine = self.engine
         engine.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        deadline = asyncio.get_running_loop().time() + self.config.shutdown_grace_seconds
+        deadline = asyncio.get_running_loop().time() + self.config.serving.shutdown_grace_seconds
         if engine.streams:
             log.info("draining %d live request(s) for up to %.0f s", len(engine.streams),
-                     self.config.shutdown_grace_seconds)
+                     self.config.serving.shutdown_grace_seconds)
         while engine.streams and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await engine.stop()
@@ -276,7 +279,7 @@ class SchedulerServer:
         self.tokenizer_thread.close()
 
 
-async def serve(config: SchedulerConfig) -> int:
+async def serve(config: SchedulerServiceConfig) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
     server = SchedulerServer(config)
     await server.start()

@@ -44,7 +44,7 @@ from clients.stack import LocalStack, ServiceSpec, config_environment, free_port
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX  # noqa: E402
 from executor_svc.config import ExecutorConfig  # noqa: E402
 from pagedserve.default_model import default_model_dir  # noqa: E402
-from scheduler_svc.config import ENV_PREFIX, PreemptionPolicy, ReservationMode, SchedulerConfig  # noqa: E402
+from scheduler_svc.config import ENV_PREFIX, PreemptionPolicy, ReservationMode, SchedulerServiceConfig  # noqa: E402
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
@@ -128,16 +128,16 @@ class Suite:
 
     @contextmanager
     def scheduler(self, **fields: Any) -> Iterator[Endpoint]:
-        """A scheduler with these SchedulerConfig fields on the running executor."""
+        """A scheduler with these SchedulerServiceConfig fields (flat names) on the running executor."""
         if self.executor is None:
             self.start_executor()
-        config = SchedulerConfig(executor_addresses=self.executor_address, port=free_port("127.0.0.1"),
-                                 http_port=free_port("127.0.0.1"), metrics_port=0,
-                                 model=str(self.o.model_dir),
-                                 max_model_len=self.o.max_model_len,
-                                 gpu_memory_utilization=fields.pop("gpu_memory_utilization",
-                                                                   self.o.gpu_memory_utilization),
-                                 **fields)
+        config = SchedulerServiceConfig.of(executor_addresses=self.executor_address,
+                                           port=free_port("127.0.0.1"), http_port=free_port("127.0.0.1"),
+                                           metrics_port=0, model=str(self.o.model_dir),
+                                           max_model_len=self.o.max_model_len,
+                                           gpu_memory_utilization=fields.pop("gpu_memory_utilization",
+                                                                             self.o.gpu_memory_utilization),
+                                           **fields)
         spec = ServiceSpec("scheduler", (sys.executable, "-m", "scheduler_svc"),
                            config_environment(config, ENV_PREFIX))
         stack = LocalStack([spec], restart_executors=False)

@@ -313,7 +313,13 @@ class PagedServeService:
     service: dict[str, Any]             # the merged compose service
     dockerfile: Dockerfile
     environment: dict[str, str]         # the image's ENV overlaid with the service's environment
-    config: Any                         # SchedulerConfig or ExecutorConfig, parsed from `environment`
+    settings: Any                       # SchedulerServiceConfig or ExecutorConfig, parsed from `environment`
+
+    @property
+    def config(self) -> Any:
+        """Where the service listens and what it connects to: the scheduler's serving settings, or the
+        executor's whole config."""
+        return self.settings.serving if self.kind == "scheduler" else self.settings
 
     def host_path(self, container_path: str) -> Path | PurePosixPath:
         """Where a path the container sees comes from on the host: a bind mount, or a file the image
@@ -334,9 +340,9 @@ def config_from_environment(kind: str, environment: Mapping[str, str]) -> Any:
     from unittest import mock
 
     from executor_svc.config import ExecutorConfig
-    from scheduler_svc.config import SchedulerConfig
+    from scheduler_svc.config import SchedulerServiceConfig
 
-    cls = SchedulerConfig if kind == "scheduler" else ExecutorConfig
+    cls = SchedulerServiceConfig if kind == "scheduler" else ExecutorConfig
     # default_model_dir() reads the process environment, not the mapping given to from_sources.
     with mock.patch.dict(os.environ):
         os.environ.pop("PAGEDSERVE_DEFAULT_MODEL", None)

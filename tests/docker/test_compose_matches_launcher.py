@@ -27,8 +27,9 @@ from clients.serve_command import add_stack_arguments, build_configs
 from clients.stack import ServiceSpec, stack_specs
 from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX
 from executor_svc.config import ExecutorConfig
+from pagedserve.settings import env_names, values_of
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_PREFIX
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerServiceConfig
 from tests.docker.deployment_files import (
     LAYOUTS,
     REPO,
@@ -46,12 +47,14 @@ NETWORK_FIELDS = {
 }
 # Fields holding paths: the container's path is compared as the host path it maps to.
 PATH_FIELDS = ("model",)
+# Fields of the machine rather than the deployment: the image ships its kernels prebuilt in its own cache.
+MACHINE_FIELDS = {"scheduler": (), "executor": ("kernel_cache",)}
 # PAGEDSERVE_* variables that are process settings rather than config fields.
 PROCESS_VARIABLES = {
     "scheduler": {"PAGEDSERVE_DEFAULT_MODEL"},
-    "executor": {"PAGEDSERVE_DEFAULT_MODEL", "PAGEDSERVE_KERNEL_CACHE", "PAGEDSERVE_CUDA_KERNELS"},
+    "executor": {"PAGEDSERVE_DEFAULT_MODEL"},
 }
-CONFIG_CLASSES = {"scheduler": (SchedulerConfig, SCHEDULER_PREFIX),
+CONFIG_CLASSES = {"scheduler": (SchedulerServiceConfig, SCHEDULER_PREFIX),
                   "executor": (ExecutorConfig, EXECUTOR_PREFIX)}
 
 
@@ -68,7 +71,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 class LauncherStack:
     """What `pagedserve serve FLAGS` starts: the scheduler's spec and config, and each rank's."""
 
-    scheduler: tuple[ServiceSpec, SchedulerConfig]
+    scheduler: tuple[ServiceSpec, SchedulerServiceConfig]
     executors: list[tuple[ServiceSpec, ExecutorConfig]]
 
 
@@ -103,21 +106,24 @@ def replicas(services: dict[str, PagedServeService]) -> list[Replica]:
 def setting_differences(service: PagedServeService, launcher_config: Any) -> list[str]:
     """Fields (network fields excepted) where the compose service's config differs from the launcher's."""
     differences = []
-    for f in dataclasses.fields(launcher_config):
-        if f.name in NETWORK_FIELDS[service.kind]:
+    prefix = CONFIG_CLASSES[service.kind][1]
+    compose_values = {option.name: value for option, value in values_of(service.settings, prefix)}
+    for option, theirs in values_of(launcher_config, prefix):
+        name = option.name
+        if name in NETWORK_FIELDS[service.kind] or name in MACHINE_FIELDS[service.kind]:
             continue
-        ours, theirs = getattr(service.config, f.name), getattr(launcher_config, f.name)
-        if f.name in PATH_FIELDS:
+        ours = compose_values[name]
+        if name in PATH_FIELDS:
             ours, theirs = service.host_path(ours), Path(theirs).resolve()
         if ours != theirs:
-            differences.append(f"{service.name}: {f.name} is {ours!r} in compose, {theirs!r} in the launcher")
+            differences.append(f"{service.name}: {name} is {ours!r} in compose, {theirs!r} in the launcher")
     return differences
 
 
 def unknown_variables(service: PagedServeService) -> list[str]:
     """PAGEDSERVE_* names in a service's environment that its config does not read."""
     cls, prefix = CONFIG_CLASSES[service.kind]
-    known = {prefix + f.name.upper() for f in dataclasses.fields(cls)} | PROCESS_VARIABLES[service.kind]
+    known = env_names(cls, prefix) | PROCESS_VARIABLES[service.kind]
     return sorted(name for name in service.environment
                   if name.startswith("PAGEDSERVE_") and name not in known)
 
@@ -205,7 +211,7 @@ def test_network_settings_connect_the_services(layout: Layout) -> None:
 def test_the_launcher_side_of_the_comparison_is_what_serve_runs() -> None:
     """The comparison's launcher half: rank order, the rendezvous, and the executors' model follow serve."""
     launcher = launcher_stack(("--executors", "2"))
-    scheduler = launcher.scheduler[1]
+    scheduler = launcher.scheduler[1].serving
     assert [f"{c.host}:{c.port}" for _, c in launcher.executors] == list(scheduler.executor_list)
     assert [c.rank for _, c in launcher.executors] == [0, 1]
     assert len({c.distributed_init_address for _, c in launcher.executors}) == 1

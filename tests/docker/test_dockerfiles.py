@@ -19,7 +19,7 @@ from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX
 from executor_svc.config import ExecutorConfig
 from pagedserve.default_model import DEFAULT_MODEL_NAME
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_PREFIX
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import ServingConfig
 from tests.docker.deployment_files import DOCKER, REPO, image_path_on_host, read_dockerfile, require_tool
 
 SCHEDULER = DOCKER / "scheduler.Dockerfile"
@@ -60,7 +60,7 @@ def test_images_run_as_a_non_root_user(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("path", "prefix", "port"), [
-    (SCHEDULER, SCHEDULER_PREFIX, SchedulerConfig().port),
+    (SCHEDULER, SCHEDULER_PREFIX, ServingConfig().port),
     (EXECUTOR, EXECUTOR_PREFIX, ExecutorConfig().port),
 ], ids=["scheduler", "executor"])
 def test_health_checks_probe_the_configured_port(path: Path, prefix: str, port: int) -> None:

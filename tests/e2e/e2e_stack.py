@@ -32,7 +32,7 @@ class RunningStack:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.stack = LocalStack(stack_specs(self.scheduler_config, self.executor_configs),
                                 restart_executors=restart_executors, base_environment=env,
-                                liveness_timeout=self.scheduler_config.executor_health_timeout_seconds)
+                                liveness_timeout=self.scheduler_config.serving.executor_health_timeout_seconds)
         self.stack.start()
         try:
             self.target = self.stack.wait_listening("scheduler", timeout=START_TIMEOUT)

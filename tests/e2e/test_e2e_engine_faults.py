@@ -23,7 +23,7 @@ from executor_svc.server import start_server
 from executor_svc.simulated_backend import SimulatedBackend
 from pagedserve.contract.plan import StepPlan, StepResult
 from pagedserve.v1 import executor_pb2 as pb
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerServiceConfig
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.server import SchedulerServer
 
@@ -79,9 +79,10 @@ async def _generate_all(target: str) -> list[list[int]]:
 async def _serve(backend: Any, step_timeout: float) -> tuple[Any, SchedulerServer, str]:
     executor_config = ExecutorConfig(backend="simulated", port=0, metrics_port=-1, simulated_vocab_size=256)
     executor, port = await start_server(executor_config, backend)
-    config = SchedulerConfig(port=0, http_port=0, metrics_port=-1, executor_addresses=f"127.0.0.1:{port}",
-                             executor_step_timeout_seconds=step_timeout, startup_timeout_seconds=30,
-                             swap_space_bytes=2**20)
+    config = SchedulerServiceConfig.of(port=0, http_port=0, metrics_port=-1,
+                                       executor_addresses=f"127.0.0.1:{port}",
+                                       executor_step_timeout_seconds=step_timeout, startup_timeout_seconds=30,
+                                       swap_space_bytes=2**20)
     scheduler = SchedulerServer(config)
     await scheduler.start()
     await scheduler.engine.start()

@@ -12,7 +12,7 @@ from clients.client import AsyncPagedServeClient, PagedServeError
 from executor_svc.config import ExecutorConfig
 from executor_svc.server import start_server
 from executor_svc.simulated_backend import SimulatedBackend
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import SchedulerServiceConfig
 from scheduler_svc.request_log import RequestSummary, format_summary
 from scheduler_svc.sampling_params import SamplingParams
 from scheduler_svc.server import SchedulerServer
@@ -34,9 +34,9 @@ def gauge(scheduler: SchedulerServer, name: str) -> float | None:
 async def _serve_and_send() -> SchedulerServer:
     executor_config = ExecutorConfig(backend="simulated", port=0, metrics_port=-1, simulated_vocab_size=256)
     executor, port = await start_server(executor_config, SimulatedBackend(executor_config))
-    config = SchedulerConfig(port=0, http_port=0, metrics_port=-1, served_model_name="tiny-sim",
-                             executor_addresses=f"127.0.0.1:{port}", startup_timeout_seconds=30,
-                             swap_space_bytes=2**20)
+    config = SchedulerServiceConfig.of(port=0, http_port=0, metrics_port=-1, served_model_name="tiny-sim",
+                                       executor_addresses=f"127.0.0.1:{port}", startup_timeout_seconds=30,
+                                       swap_space_bytes=2**20)
     scheduler = SchedulerServer(config)
     await scheduler.start()
     await scheduler.engine.start()
