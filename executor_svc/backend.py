@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from executor_svc.step_pipeline import StepHandle
 from pagedserve.contract.plan import StepPlan, StepResult
 
 
@@ -42,6 +44,10 @@ class ExecutorBackend(Protocol):
 
     `execute` must check a plan whole before changing anything and raise MalformedPlanError when it
     is malformed, so that a rejected plan leaves the backend as it was.
+
+    A backend may also offer `launch(plan) -> StepHandle[StepResult]`, which checks the plan and queues
+    its work without waiting for it, so that the next plan can be launched before this step's result is
+    read (the model backend does; see `launcher_of`). Launches and finishes then go in step order.
     """
 
     def describe(self) -> ModelDescription:
@@ -72,3 +78,30 @@ class ExecutorBackend(Protocol):
     def begin_shutdown(self) -> None:
         """The process is stopping on purpose: whatever watches for failures may stand down."""
         ...
+
+
+# Starts one step and hands back what finishes it.
+StepLauncher = Callable[[StepPlan], StepHandle[StepResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedStep:
+    """A step that ran to completion when it was launched."""
+
+    result: StepResult
+
+    def ready(self) -> bool:
+        """Always: nothing is left to wait for."""
+        return True
+
+    def finish(self) -> StepResult:
+        """The result."""
+        return self.result
+
+
+def launcher_of(backend: ExecutorBackend) -> StepLauncher:
+    """The backend's own `launch` when it has one; otherwise each step runs whole (`execute`) on launch."""
+    launch: StepLauncher | None = getattr(backend, "launch", None)
+    if launch is not None:
+        return launch
+    return lambda plan: FinishedStep(backend.execute(plan))

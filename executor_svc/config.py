@@ -78,6 +78,8 @@ class ExecutorConfig:
                                       "kernels); off runs every step eagerly")
     cuda_graph_max_batch: int = setting(256, "decode batches up to this many sequences replay a graph; "
                                              "larger ones run eagerly")
+    overlap_steps: bool = setting(True, "launch the next step while the last one still computes, so "
+                                        "host work between steps overlaps the GPU; off runs steps one by one")
     # The kernel switches keep their historical variable names; they were once read on every layer call.
     cuda_kernels: bool = setting(True, "PagedServe's CUDA kernels for attention and the KV cache on CUDA; "
                                        "off selects the torch reference (for comparisons)",

@@ -25,7 +25,7 @@ from executor_svc.distributed import join_group, stop_watchdog
 from executor_svc.kv_cache import CacheShape, KVCache
 from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
 from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
-from executor_svc.runner import ModelRunner
+from executor_svc.runner import ModelRunner, RunningStep
 from pagedserve.contract.plan import StepPlan, StepResult
 
 log = logging.getLogger("pagedserve.executor")
@@ -193,3 +193,8 @@ class ModelBackend:
         """Run one plan."""
         assert self.runner is not None, "init_cache first"
         return self.runner.execute(plan)
+
+    def launch(self, plan: StepPlan) -> RunningStep:
+        """Check one plan and queue its work; the step before may still be computing (runner.launch)."""
+        assert self.runner is not None, "init_cache first"
+        return self.runner.launch(plan)

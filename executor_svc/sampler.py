@@ -83,7 +83,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from executor_svc.transfer import to_device, to_host
+from executor_svc.transfer import HostCopy, to_device
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -194,10 +194,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """Sample from `logits` [N, V] (any float dtype, CPU or CUDA) with one SamplingRow per row."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSamplerOutput:
+        """Queue the sampling of `logits` [N, V] and the copy of its result to the host, without waiting.
+
+        Errors in the rows or the logits' shape raise here, before anything is queued. On a GPU the
+        drawn tokens stay on the device (`PendingSamplerOutput.tokens`) for a step launched before the
+        result is read to take as input.
+        """
         _check_batch(logits, rows)
         raw = logits.float()                                             # [N, V]
         if not rows:
-            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
+            return PendingSamplerOutput(torch.empty(0, dtype=torch.int64, device=logits.device), rows)
         block = _rows_per_block(raw)
         blocks = [raw[i:i + block] for i in range(0, len(rows), block)]
         parts = [_process_block(part, rows[i * block:(i + 1) * block]) for i, part in enumerate(blocks)]
@@ -209,6 +218,37 @@ class Sampler:
         tokens = torch.cat([t for _, t, _ in parts])                     # [N]
         normaliser = torch.cat([n for _, _, n in parts])                 # [N, 1]
         return _with_logprobs(raw, normaliser, tokens, rows)
+
+
+class PendingSamplerOutput:
+    """A launched sampling pass: its tokens on the device now, its SamplerOutput once copied back."""
+
+    def __init__(self, tokens: torch.Tensor, rows: Sequence[SamplingRow], chosen: torch.Tensor | None = None,
+                 top_values: torch.Tensor | None = None, top_ids: torch.Tensor | None = None) -> None:
+        self.tokens = tokens                    # [N] int64 on the logits' device
+        self._rows = rows
+        self._has_top = top_values is not None
+        host = [tokens] if chosen is None else [tokens, chosen]
+        if top_values is not None and top_ids is not None:
+            host += [top_values, top_ids]
+        self._copy = HostCopy(host)
+
+    def ready(self) -> bool:
+        """Whether the result has reached the host (result() would not wait)."""
+        return self._copy.ready()
+
+    def result(self) -> SamplerOutput:
+        """The drawn tokens and logprobs, waiting for the device if they are still on their way."""
+        if not self._rows:
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=[])
+        copies = self._copy.wait()
+        tokens, chosen = copies[0], copies[1]
+        top: list[tuple[tuple[int, float], ...]] = [() for _ in self._rows]
+        if self._has_top:
+            values_list, ids_list = copies[2].tolist(), copies[3].tolist()
+            top = [tuple(zip(ids_list[i][:r.num_logprobs], values_list[i][:r.num_logprobs], strict=True))
+                   for i, r in enumerate(self._rows)]
+        return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
 
 
 def draw_key(seed: int, stream: int, token_index: int) -> int:
@@ -531,23 +571,17 @@ def _cut(values: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor,
 
 
 def _with_logprobs(raw: torch.Tensor, normaliser: torch.Tensor, tokens: torch.Tensor,
-                   rows: Sequence[SamplingRow]) -> SamplerOutput:
-    """Raw logprobs of the chosen tokens and the top alternatives asked for.
+                   rows: Sequence[SamplingRow]) -> PendingSamplerOutput:
+    """Raw logprobs of the chosen tokens and the top alternatives asked for, on their way to the host.
 
     raw: [N, V] float32, normaliser: [N, 1] its logsumexp, tokens: [N] int64.
     """
     chosen = (raw.gather(1, tokens[:, None]) - normaliser).squeeze(1)               # [N]
     num_top = max((r.num_logprobs for r in rows), default=0)
-    top: list[tuple[tuple[int, float], ...]] = [() for _ in rows]
     if num_top == 0:
-        tokens, chosen = to_host(tokens, chosen)    # the step's one wait for the GPU
-        return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
+        return PendingSamplerOutput(tokens, rows, chosen)
     top_values, top_ids = raw.topk(num_top, dim=-1)                                 # [N, K], [N, K]
-    tokens, chosen, top_values, top_ids = to_host(tokens, chosen, top_values - normaliser, top_ids)
-    values_list, ids_list = top_values.tolist(), top_ids.tolist()
-    top = [tuple(zip(ids_list[i][:r.num_logprobs], values_list[i][:r.num_logprobs], strict=True))
-           for i, r in enumerate(rows)]
-    return SamplerOutput(token_ids=tokens.tolist(), logprobs=chosen.tolist(), top_logprobs=top)
+    return PendingSamplerOutput(tokens, rows, chosen, top_values - normaliser, top_ids)
 
 
 def _check_batch(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -21,8 +21,8 @@ CHECK_INTERVAL_SECONDS = 0.5
 class StepWatchdog:
     """Tracks the step on the worker thread; `run` flips health while one is overdue.
 
-    `step_started` and `step_ended` are called on the worker thread around every step (a float
-    assignment, safe across threads); `run` is a task on the event loop. `timeout` 0 never flips.
+    `step_started` and `step_ended` are called on the worker thread as the oldest step in flight changes
+    (a float assignment, safe across threads); `run` is a task on the event loop. `timeout` 0 never flips.
     """
 
     def __init__(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
@@ -31,12 +31,12 @@ class StepWatchdog:
         self._started: float | None = None     # monotonic start of the step in progress, if any
         self.overdue = False
 
-    def step_started(self) -> None:
-        """The worker thread begins a step."""
-        self._started = time.monotonic()
+    def step_started(self, at: float | None = None) -> None:
+        """The oldest step in flight began at `at` (time.monotonic(); now when None)."""
+        self._started = time.monotonic() if at is None else at
 
     def step_ended(self) -> None:
-        """The worker thread has finished its step."""
+        """No step is in flight."""
         self._started = None
 
     def running_seconds(self) -> float:

@@ -37,17 +37,39 @@ def _host_tensor(values: Sequence | np.ndarray | torch.Tensor | float, dtype: to
     return torch.tensor(values, dtype=dtype)
 
 
+class HostCopy:
+    """Device tensors on their way to pinned host memory; `wait` returns them once they have arrived.
+
+    The copies are queued on the current stream behind whatever computes the tensors, and an event is
+    recorded after them, so the host can launch more GPU work (the next step) before it waits, and then
+    waits for these copies alone rather than for everything queued since.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        device_tensors = [t for t in tensors if t.device.type != "cpu"]
+        self._copies = [t if t.device.type == "cpu" else
+                        torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                        for t in tensors]
+        self._event: torch.cuda.Event | None = None
+        if device_tensors:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device_tensors[0].device))
+
+    def ready(self) -> bool:
+        """Whether the copies have arrived (waiting now would not block)."""
+        return self._event is None or self._event.query()
+
+    def wait(self) -> list[torch.Tensor]:
+        """The host tensors, in the order given, once every copy has arrived."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._copies
+
+
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Device tensors copied to the host with one wait for the device, not one per tensor.
 
-    Each is copied into pinned memory with non_blocking=True, then the stream is synchronised once.
-    Host tensors are returned as they are.
+    Each is copied into pinned memory with non_blocking=True, then the host waits once. Host tensors are
+    returned as they are.
     """
-    device_tensors = [t for t in tensors if t.device.type != "cpu"]
-    if not device_tensors:
-        return list(tensors)
-    copies = [t if t.device.type == "cpu" else
-              torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-              for t in tensors]
-    torch.cuda.current_stream(device_tensors[0].device).synchronize()
-    return copies
+    return HostCopy(tensors).wait()

@@ -75,6 +75,7 @@ class SuiteOptions:
     static_batch_size: int
     max_num_seqs: int               # main phase
     cuda_graph_max_batch: int       # decode batches up to this size replay CUDA graphs
+    overlap_steps: bool             # the executor launches step N+1 before step N is answered
     sharing_requests: int
     online_requests: int
     online_rates: dict[str, list[float]]
@@ -113,7 +114,8 @@ class Suite:
         config = ExecutorConfig(model=str(self.o.model_dir), load_format=self.o.load_format,
                                 device=self.o.device, dtype=self.o.dtype, port=free_port("127.0.0.1"),
                                 metrics_port=-1, max_model_len=self.o.max_model_len,
-                                cuda_graph_max_batch=self.o.cuda_graph_max_batch)
+                                cuda_graph_max_batch=self.o.cuda_graph_max_batch,
+                                overlap_steps=self.o.overlap_steps)
         spec = ServiceSpec("executor-0", (sys.executable, "-m", "executor_svc"),
                            config_environment(config, EXECUTOR_ENV_PREFIX))
         self.executor = LocalStack([spec], restart_executors=False)
@@ -344,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="the main phase's sequence cap")
     parser.add_argument("--cuda-graph-max-batch", type=int, default=256,
                         help="the executor's largest CUDA-graph decode batch (raise with --max-num-seqs)")
+    parser.add_argument("--no-overlap-steps", dest="overlap_steps", action="store_false",
+                        help="the executor runs steps one by one (the A/B baseline of overlapped steps)")
     parser.add_argument("--sharing-requests", type=int, default=200)
     parser.add_argument("--online-requests", type=int, default=100)
     parser.add_argument("--online-rates", default="pagedserve=8,16,32,64;hf-continuous=2,4,8;hf-static=1,2,4",
@@ -382,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         ablation_requests=args.ablation_requests, peer_continuous_requests=args.peer_continuous_requests,
         peer_static_requests=args.peer_static_requests, static_batch_size=args.static_batch_size,
         max_num_seqs=args.max_num_seqs, cuda_graph_max_batch=args.cuda_graph_max_batch,
+        overlap_steps=args.overlap_steps,
         sharing_requests=args.sharing_requests,
         online_requests=args.online_requests, online_rates=online_rates(args.online_rates),
         gpu_memory_utilization=args.gpu_memory_utilization,

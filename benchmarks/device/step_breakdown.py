@@ -100,7 +100,8 @@ def main() -> int:
         model_dir=model_dir, load_format="dummy", device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, num_requests=args.num_requests, ablation_requests=0,
         peer_continuous_requests=0, peer_static_requests=0, static_batch_size=1,
-        max_num_seqs=args.max_num_seqs, cuda_graph_max_batch=args.cuda_graph_max_batch, sharing_requests=0,
+        max_num_seqs=args.max_num_seqs, cuda_graph_max_batch=args.cuda_graph_max_batch, overlap_steps=True,
+        sharing_requests=0,
         online_requests=0, online_rates={}, gpu_memory_utilization=0.9, pressure_memory_utilization=0.3,
         out=out)
     suite = ProfiledSuite(options)

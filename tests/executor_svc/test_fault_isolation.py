@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from executor_svc.config import ExecutorConfig  # noqa: E402
 from executor_svc.model_backend import ModelBackend  # noqa: E402
 from executor_svc.runner import ModelRunner  # noqa: E402
-from executor_svc.sampler import Sampler, SamplerOutput, SamplingRow  # noqa: E402
+from executor_svc.sampler import PendingSamplerOutput, Sampler, SamplingRow  # noqa: E402
 from pagedserve.contract.plan import StepPlan, StepResult  # noqa: E402
 from pagedserve.contract.plan_codec import plan_from_proto, plan_to_proto, result_from_proto, result_to_proto  # noqa: E402
 from pagedserve.default_model import default_model_dir  # noqa: E402
@@ -104,16 +104,16 @@ class Run:
 
 def failing_sampler(monkeypatch: pytest.MonkeyPatch, fails: Callable[[SamplingRow], bool]) -> list[int]:
     """Make the sampler raise on any batch holding a row `fails` picks; returns the batch sizes it saw."""
-    real = Sampler.__call__
+    real = Sampler.launch
     sizes: list[int] = []
 
-    def sampler(self: Sampler, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def sampler(self: Sampler, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSamplerOutput:
         sizes.append(len(rows))
         if any(fails(r) for r in rows):
             raise RuntimeError("forced sampler failure")
         return real(self, logits, rows)
 
-    monkeypatch.setattr(Sampler, "__call__", sampler)
+    monkeypatch.setattr(Sampler, "launch", sampler)     # every sampling call, batch or alone, launches
     return sizes
 
 

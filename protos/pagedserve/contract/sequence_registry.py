@@ -4,6 +4,10 @@ Plans only carry what changed: a sequence's sampling settings arrive once (`Sequ
 clone a parent, block tables arrive as deltas and token histories grow by the tokens computed. The
 registry applies those parts of a plan, and checks a whole plan against its state before any of it is
 applied (plan_validation).
+
+A sample still on the device (its step is launched but not finished) is a `PendingSample`: a plan made
+ahead may feed it back already, and the step that does takes it from the device; its place in the
+token history is filled in when its step finishes (`record_sample`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,13 @@ from dataclasses import dataclass, field
 
 from pagedserve.contract.plan import SequenceFork, SequenceStart, SequenceWork, StepPlan
 from pagedserve.contract.plan_validation import validate_plan
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSample:
+    """Sample 0 of a sequence, drawn in a step not finished yet: row `row` of that step's sampler output."""
+
+    row: int
 
 
 @dataclass(slots=True)
@@ -23,7 +34,9 @@ class SequenceState:
     token_ids: list[int] = field(default_factory=list)    # tokens whose K/V are cached
     block_table: list[int] = field(default_factory=list)
     # Sample 0 of this sequence's last step, which a plan made ahead may feed back as its next input.
-    last_sample: int | None = None
+    last_sample: int | PendingSample | None = None
+    # Where in token_ids a fed-back sample still on the device sits, until its step finishes.
+    unread_sample_index: int | None = None
     # Why this sequence's own work failed (empty while it has not): its request is ending, and its
     # work in plans made before the scheduler knew is skipped until the sequence is forgotten.
     error: str = ""
@@ -62,13 +75,37 @@ class SequenceRegistry(dict[int, SequenceState]):
         state.token_ids.extend(work.token_ids)
         if work.feeds_last_sample:
             assert state.last_sample is not None, "validate the plan first"
-            state.token_ids.append(state.last_sample)
+            if isinstance(state.last_sample, PendingSample):
+                state.token_ids.append(0)               # filled in by record_sample
+                state.unread_sample_index = len(state.token_ids) - 1
+            else:
+                state.token_ids.append(state.last_sample)
         state.last_sample = None
         return state
 
+    def pending_feedback(self, work: SequenceWork) -> PendingSample | None:
+        """The sample still on the device that this work feeds back, if it feeds one (before begin_work)."""
+        state = self.get(work.seq_id)
+        if not work.feeds_last_sample or state is None or not isinstance(state.last_sample, PendingSample):
+            return None
+        return state.last_sample
+
+    def expect_sample(self, seq_id: int, pending: PendingSample) -> None:
+        """This step draws the sequence's next sample; until the step finishes it is on the device."""
+        self[seq_id].last_sample = pending
+
     def record_sample(self, seq_id: int, token_id: int) -> None:
-        """Keep sample 0 of this step: a plan made ahead may feed it back next step."""
-        self[seq_id].last_sample = token_id
+        """Keep sample 0 of this step: a plan made ahead may feed it back next step.
+
+        If the next step has already taken it as input from the device, its place in the history is
+        filled in instead.
+        """
+        state = self[seq_id]
+        if state.unread_sample_index is not None:
+            state.token_ids[state.unread_sample_index] = token_id
+            state.unread_sample_index = None
+        elif state.last_sample is None or isinstance(state.last_sample, PendingSample):
+            state.last_sample = token_id
 
     def record_failure(self, seq_id: int, error: str) -> None:
         """The sequence's own work failed this step; it samples nothing until it is forgotten."""
