@@ -40,6 +40,18 @@ def make_backend(config: ExecutorConfig) -> ExecutorBackend:
     return ModelBackend(config)
 
 
+def configure_kernels(config: ExecutorConfig) -> None:
+    """Fix this process's CUDA kernel switches from the config, once, before the model loads.
+
+    Only the executor process does this: code that drives the model in process (tests, benchmarks)
+    keeps reading PAGEDSERVE_CUDA_KERNELS and the like from the environment at each call.
+    """
+    if config.backend is Backend.MODEL:
+        from executor_svc import ops  # imports torch: only for the model backend
+
+        ops.configure(ops.KernelSettings(config.cuda_kernels, config.fused_layers, config.kernel_cache))
+
+
 def start_backend(config: ExecutorConfig) -> ExecutorBackend:
     """Check that the ports are free, then build the backend (loading the model).
 
@@ -74,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         config = from_command_line(ExecutorConfig, ENV_PREFIX, args, known_environment())
+        configure_kernels(config)
         backend = start_backend(config)
         asyncio.run(serve(config, backend))
     except InvalidArgumentError as err:

@@ -1,15 +1,17 @@
 """PagedServe's own CUDA kernels (csrc/), built once per process on first use.
 
 The extension is compiled with `torch.utils.cpp_extension.load` into a cache directory
-($PAGEDSERVE_KERNEL_CACHE, else ~/.cache/pagedserve/kernels), so only the first process after a source
-change pays for the build. Without CUDA, or when the build fails, `kernels_available()` returns False
-(the reason is logged once) and callers use the torch reference in attention.py.
+(the executor's --kernel-cache, $PAGEDSERVE_KERNEL_CACHE, else ~/.cache/pagedserve/kernels), so only the
+first process after a source change pays for the build. Without CUDA, or when the build fails,
+`kernels_available()` returns False (the reason is logged once) and callers use the torch reference in
+attention.py.
 
 Shapes: S sequences, T tokens, H query heads, Hkv kv heads, D head size, B block size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -17,6 +19,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from pagedserve.settings import parse_bool
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -34,9 +38,44 @@ _module: ModuleType | None = None
 _tried = False
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelSettings:
+    """Which kernels run and where they are built: the executor's cuda_kernels, fused_layers and
+    kernel_cache settings (PAGEDSERVE_CUDA_KERNELS, PAGEDSERVE_FUSED_LAYERS, PAGEDSERVE_KERNEL_CACHE)."""
+
+    cuda_kernels: bool = True
+    fused_layers: bool = True
+    kernel_cache: str = ""
+
+    @classmethod
+    def from_environment(cls) -> KernelSettings:
+        """The settings the environment variables give, parsed as the executor's config parses them."""
+        return cls(parse_bool(os.environ.get("PAGEDSERVE_CUDA_KERNELS", "1")),
+                   parse_bool(os.environ.get("PAGEDSERVE_FUSED_LAYERS", "1")),
+                   os.environ.get("PAGEDSERVE_KERNEL_CACHE", ""))
+
+
+_configured: KernelSettings | None = None
+
+
+def configure(kernel_settings: KernelSettings) -> None:
+    """Fix the settings for this process; `pagedserve-executor` calls it once at start, from its config.
+
+    Until then (tests, benchmarks, tools that drive the model in process) they are read from the
+    environment variables at each call, so a test can switch them.
+    """
+    global _configured
+    _configured = kernel_settings
+
+
+def settings() -> KernelSettings:
+    """The settings in force: the configured ones, else the environment's."""
+    return _configured if _configured is not None else KernelSettings.from_environment()
+
+
 def build_directory() -> Path:
     """Where the compiled extension is cached."""
-    configured = os.environ.get("PAGEDSERVE_KERNEL_CACHE")
+    configured = settings().kernel_cache
     return Path(configured) if configured else Path.home() / ".cache" / "pagedserve" / "kernels"
 
 
@@ -79,16 +118,15 @@ def kernels_available() -> bool:
 
 def kernels_enabled() -> bool:
     """Whether attention and the cache should use the kernels: built (on a CUDA device), and not turned
-    off with PAGEDSERVE_CUDA_KERNELS=0 (which selects the torch reference, for comparisons)."""
-    return os.environ.get("PAGEDSERVE_CUDA_KERNELS", "1") != "0" and kernels_available()
+    off with cuda_kernels (PAGEDSERVE_CUDA_KERNELS=0, which selects the torch reference, for comparisons)."""
+    return settings().cuda_kernels and kernels_available()
 
 
 def fused_layers_enabled(x: torch.Tensor) -> bool:
     """Whether the fused layer kernels (RMSNorm, SwiGLU, rotary) serve activation `x`: fp16/bf16 on CUDA
-    with the kernels enabled, unless PAGEDSERVE_FUSED_LAYERS=0 keeps the torch reference layers (for
-    A/B measurements; attention is unaffected)."""
-    return (x.is_cuda and x.dtype in DTYPES and os.environ.get("PAGEDSERVE_FUSED_LAYERS", "1") != "0"
-            and kernels_enabled())
+    with the kernels enabled, unless fused_layers is off (PAGEDSERVE_FUSED_LAYERS=0) and keeps the torch
+    reference layers (for A/B measurements; attention is unaffected)."""
+    return x.is_cuda and x.dtype in DTYPES and settings().fused_layers and kernels_enabled()
 
 
 def describe_attention(device: torch.device) -> str:
@@ -98,7 +136,7 @@ def describe_attention(device: torch.device) -> str:
     """
     if device.type != "cuda":
         return f"torch reference PagedAttention (no CUDA kernels on {device.type})"
-    if os.environ.get("PAGEDSERVE_CUDA_KERNELS", "1") == "0":
+    if not settings().cuda_kernels:
         return "torch reference PagedAttention (PAGEDSERVE_CUDA_KERNELS=0)"
     if not kernels_available():
         return "torch reference PagedAttention (the CUDA kernels did not build; see the warning above)"

@@ -211,7 +211,7 @@ def parse_value(option: Option, raw: Any) -> Any:
             return None
         raise ValueError("needs a value")
     if option.kind is bool:
-        return _parse_bool(raw)
+        return parse_bool(raw)
     if isinstance(raw, bool):
         raise ValueError(f"expected {_expected(option)}, got {raw!r}")
     if issubclass(option.kind, enum.Enum):
@@ -230,7 +230,8 @@ def parse_value(option: Option, raw: Any) -> Any:
     return raw
 
 
-def _parse_bool(raw: Any) -> bool:
+def parse_bool(raw: Any) -> bool:
+    """`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case); ValueError for anything else."""
     if isinstance(raw, bool):
         return raw
     if str(raw).lower() in _TRUE + _FALSE:
