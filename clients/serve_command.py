@@ -38,7 +38,7 @@ from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
 from scheduler_svc.config import SchedulerServiceConfig, ServingConfig, known_environment
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
-LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model",
+LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model", "revision",
                             "served_model_name", "max_model_len", "max_message_bytes",
                             "distributed_init_address")
 READY_TIMEOUT_SECONDS = 900.0
@@ -93,7 +93,7 @@ def build_configs(args: argparse.Namespace) -> tuple[SchedulerServiceConfig, lis
         executors.append(dataclasses.replace(
             base, host=serving.host, port=port, rank=rank, world_size=args.executors,
             distributed_init_address=rendezvous, metrics_port=metrics_port, model=serving.model,
-            served_model_name=serving.served_model_name))
+            revision=serving.revision, served_model_name=serving.served_model_name))
     addresses = ",".join(f"{c.host}:{c.port}" for c in executors)
     serving = dataclasses.replace(serving, executor_addresses=addresses)
     return dataclasses.replace(service, serving=serving), executors

@@ -45,8 +45,10 @@ class ExecutorConfig:
     metrics_port: int = setting(0, "Prometheus /metrics; 0 a free port, -1 none")
     backend: Backend = setting(Backend.MODEL, "what runs the plans: a model, or the simulated executor (no "
                                               "model, no GPU)")
-    model: str = setting("", "local Hugging Face model directory", default_text="the embedded model",
-                         metavar="DIR")
+    model: str = setting("", "Hugging Face model directory, or a repo id resolved from the local hub cache "
+                             "(HF_HOME)", default_text="the embedded model", metavar="DIR|REPO")
+    revision: str = setting("", "branch, tag or commit of a --model repo id", default_text="main",
+                            metavar="REV")
     served_model_name: str = setting("", "name reported by Describe", default_text="the directory's name",
                                      metavar="NAME")
     dtype: str = setting("auto", "weights and activations; auto is bfloat16 on CUDA, float32 on the CPU",

@@ -27,6 +27,7 @@ from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
 from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
 from executor_svc.runner import ModelRunner, RunningStep
 from pagedserve.contract.plan import StepPlan, StepResult
+from pagedserve.model_source import resolve_model
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -64,6 +65,9 @@ class ModelBackend:
 
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
+        # First, so a model that is not there fails before any device or peer is touched. A repo id
+        # resolves to its hub-cache snapshot exactly as the scheduler resolves the tokenizer.
+        self.model_dir = resolve_model(config.model, config.revision)
         self.device = resolve_device(config.device, config.rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)      # NCCL and the kernels use the current device
@@ -74,7 +78,7 @@ class ModelBackend:
                              config.distributed_backend, self.device, config.distributed_timeout_seconds,
                              config.distributed_heartbeat_timeout_seconds)
         start = time.perf_counter()
-        self.model, self.hf_config = load_model(config.model, self.dtype, self.device, config.load_format,
+        self.model, self.hf_config = load_model(self.model_dir, self.dtype, self.device, config.load_format,
                                                 config.max_model_len or None, self.tp)
         self.model.eval()
         log.info("loaded %s (%s, %s weights) on %s as %s in %.1fs", config.model,
@@ -88,7 +92,7 @@ class ModelBackend:
         """The loaded model."""
         m = self.model
         name = self.config.served_model_name or Path(self.config.model).name
-        return ModelDescription(model_name=name, model_path=str(Path(self.config.model).resolve()),
+        return ModelDescription(model_name=name, model_path=str(self.model_dir.resolve()),
                                 architecture=self.hf_config.architectures[0],
                                 dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                                 rank=self.config.rank, world_size=self.config.world_size,

@@ -153,8 +153,13 @@ class ServingConfig:
     executor_addresses: str = setting("127.0.0.1:50061", "the executor ranks, host:port comma-separated in "
                                                          "rank order (serve sets it)",
                                   metavar="HOST:PORT[,...]")
-    model: str = setting("", "model directory whose tokenizer the scheduler uses (serve also gives it to "
-                             "the executors)", default_text="the embedded model", metavar="DIR")
+    model: str = setting("", "model directory or Hugging Face repo id (from the local hub cache, HF_HOME) "
+                             "whose tokenizer the scheduler uses (serve also gives it to the executors)",
+                         default_text="the embedded model", metavar="DIR|REPO")
+    tokenizer: str = setting("", "tokenizer directory or repo id, when it is not --model's",
+                             default_text="--model", metavar="DIR|REPO")
+    revision: str = setting("", "branch, tag or commit of the --model and --tokenizer repo ids (serve also "
+                                "gives it to the executors)", default_text="main", metavar="REV")
     served_model_name: str = setting("", "name reported by GetModelInfo", default_text="the executor's",
                                      metavar="NAME")
     max_waiting_requests: int = setting(16384, "waiting queue bound; beyond it RESOURCE_EXHAUSTED")

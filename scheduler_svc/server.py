@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +27,7 @@ from pagedserve.gc_policy import settle_heap
 from pagedserve.grpc_decoding import DecodeErrorInterceptor
 from pagedserve.metrics_http import start_metrics_server
 from pagedserve.model_label import model_label
+from pagedserve.model_source import TOKENIZER_FILES, resolve_model
 from pagedserve.v1 import generation_pb2 as pb
 from pagedserve.v1 import generation_pb2_grpc
 from scheduler_svc import request_log
@@ -38,6 +39,9 @@ from scheduler_svc.http_server import HttpServer
 from scheduler_svc.metrics import SchedulerMetrics
 from scheduler_svc.openai_api import build_app
 from scheduler_svc.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("pagedserve.scheduler")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -185,6 +189,17 @@ def _bind(server: grpc.aio.Server, config: ServingConfig) -> int:
     return port
 
 
+def _tokenizer(serving: ServingConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of --tokenizer (default: --model), a directory or a repo id resolved from the hub
+    cache at --revision as the executors resolve the weights; InvalidArgumentError names the flag."""
+    field = "tokenizer" if serving.tokenizer else "model"
+    source = serving.tokenizer or serving.model or default_model_dir()
+    try:
+        return load_tokenizer(resolve_model(source, serving.revision, TOKENIZER_FILES))
+    except (OSError, ValueError) as err:
+        raise InvalidArgumentError(field, f"cannot load a tokenizer from {source}: {err}") from err
+
+
 class SchedulerServer:
     """The frontend, the engine and the metrics endpoint of one scheduler process."""
 
@@ -192,11 +207,7 @@ class SchedulerServer:
         self.config = config
         self.metrics = SchedulerMetrics(model_name=model_label(config.serving.served_model_name,
                                                                config.serving.model))
-        model_dir = config.serving.model or default_model_dir()
-        try:
-            tokenizer = load_tokenizer(model_dir)
-        except (OSError, ValueError) as err:
-            raise InvalidArgumentError("model", f"cannot load a tokenizer from {model_dir}: {err}") from err
+        tokenizer = _tokenizer(config.serving)
         self.health = health.aio.HealthServicer()
         self.engine = Engine(config, tokenizer, self.metrics, self._serving_changed)
         self.tokenizer_thread = TokenizerThread(tokenizer)

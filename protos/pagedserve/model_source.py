@@ -76,12 +76,13 @@ def _snapshot(repo_id: str, revision: str, files: Sequence[str]) -> Path:
 
     cache = hub_cache_dir()
     offline = hub_offline()
+    endpoint = os.environ.get("HF_ENDPOINT") or None      # read now, like the cache (a mirror, a test)
     try:
         # Online, huggingface_hub itself falls back to the cached snapshot when the hub is unreachable.
-        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, endpoint=endpoint,
                                           local_files_only=offline, allow_patterns=list(files)))
         if not offline and files is MODEL_FILES and not any(snapshot.glob("*.safetensors")):
-            snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
+            snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, endpoint=endpoint,
                                               allow_patterns=list(LEGACY_WEIGHT_FILES)))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise ModelNotFoundError(_not_found(repo_id, revision, cache, offline, err)) from None

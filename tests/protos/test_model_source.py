@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hub_cache import COMMIT, cache_model
 
 from pagedserve.default_model import default_model_dir
 from pagedserve.model_source import ModelNotFoundError, hub_cache_dir, is_repo_id, resolve_model
+from tests.hub_cache import COMMIT, cache_model
 
 MODEL = Path(default_model_dir())
 
@@ -77,3 +77,13 @@ def test_the_cache_follows_hf_hub_cache_then_hf_home(monkeypatch, tmp_path):
     assert hub_cache_dir() == tmp_path / "home" / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert hub_cache_dir() == tmp_path / "cache"
+
+
+def test_the_cached_snapshot_serves_when_the_hub_is_out_of_reach(hf_home, monkeypatch):
+    """Not offline, but nothing answers at the hub's address: the cache is used as it is."""
+    snapshot = cache_model(hf_home, "org/model", MODEL)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # the discard port: connection refused
+    assert resolve_model("org/model") == snapshot
+    with pytest.raises(ModelNotFoundError, match="the hub did not provide it"):
+        resolve_model("org/absent")
