@@ -1,4 +1,9 @@
-"""`pagedserve-executor`: run one executor rank, serving the executor API over gRPC."""
+"""`pagedserve-executor`: run one executor rank, serving the executor API over gRPC.
+
+Every setting is a flag, a PAGEDSERVE_EXECUTOR_<FLAG> environment variable (the kernel switches keep
+PAGEDSERVE_CUDA_KERNELS, PAGEDSERVE_FUSED_LAYERS and PAGEDSERVE_KERNEL_CACHE) and a key of the --config
+file (TOML or YAML); a flag wins over the environment, which wins over the file.
+"""
 
 from __future__ import annotations
 

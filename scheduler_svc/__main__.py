@@ -3,7 +3,8 @@
 It serves the client API (pagedserve.v1.GenerationService, health, reflection) on --host/--port and
 the OpenAI-compatible HTTP API on --http-port (0: none), connects to the executor ranks listed in
 --executor-addresses (host:port, comma-separated, in rank order), and exposes Prometheus metrics on
---metrics-port. Every flag has a PAGEDSERVE_<FLAG> environment variable.
+--metrics-port. Every setting is a flag, a PAGEDSERVE_<FLAG> environment variable and a key of the
+--config file (TOML or YAML); a flag wins over the environment, which wins over the file.
 `pagedserve simulate` runs the scheduling policy offline against the simulated executor instead.
 """
 
