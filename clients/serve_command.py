@@ -76,6 +76,8 @@ def build_configs(args: argparse.Namespace) -> tuple[SchedulerServiceConfig, lis
         raise InvalidArgumentError("executors", f"must be at least 1, got {args.executors}")
     config_file = config_file_from_args(args)
     warn(unknown_settings(config_file))
+    if config_file is not None:     # a key serve has no flag for is ignored, as its warning says
+        config_file = config_file.only(serve_keys())
     service = SchedulerServiceConfig.from_sources(args, config_file=config_file)
     base = ExecutorConfig.from_sources(args, config_file=config_file)
     serving = service.serving
@@ -99,12 +101,16 @@ def build_configs(args: argparse.Namespace) -> tuple[SchedulerServiceConfig, lis
     return dataclasses.replace(service, serving=serving), executors
 
 
+def serve_keys() -> set[str]:
+    """The config-file keys of `serve`: its scheduler flags and the executor flags it passes on."""
+    executor_keys = {o.name for o in options(ExecutorConfig, EXECUTOR_ENV_PREFIX)}
+    scheduler_keys = {o.name for o in options(SchedulerServiceConfig, SCHEDULER_ENV_PREFIX)}
+    return scheduler_keys | (executor_keys - set(LAUNCHER_EXECUTOR_FIELDS))
+
+
 def unknown_settings(config_file: ConfigFile | None, environ: Mapping[str, str] | None = None) -> list[str]:
     """Warnings for the file's keys that `serve` has no flag for, and for unknown PAGEDSERVE_* variables."""
-    executor_keys = {o.name for o in options(ExecutorConfig, EXECUTOR_ENV_PREFIX)}
-    known_keys = {o.name for o in options(SchedulerServiceConfig, SCHEDULER_ENV_PREFIX)}
-    known_keys |= executor_keys - set(LAUNCHER_EXECUTOR_FIELDS)
-    warnings = unknown_file_keys(config_file, known_keys) if config_file is not None else []
+    warnings = unknown_file_keys(config_file, serve_keys()) if config_file is not None else []
     return warnings + unknown_environment(os.environ if environ is None else environ, known_environment())
 
 

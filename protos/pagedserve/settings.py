@@ -266,6 +266,11 @@ class ConfigFile:
         """How error messages name it."""
         return f"config file {self.path}"
 
+    def only(self, keys: Iterable[str]) -> ConfigFile:
+        """The same file with only these keys: what a command that warned about the others reads."""
+        wanted = set(keys)
+        return ConfigFile(self.path, {key: value for key, value in self.values.items() if key in wanted})
+
 
 def load_config_file(path: str | Path) -> ConfigFile:
     """Read a TOML (.toml) or YAML (.yaml, .yml) file of settings.

@@ -189,6 +189,14 @@ def test_serve_knows_the_executor_keys_it_passes_on(tmp_path) -> None:
     assert len(warnings) == 2 and "rank is ignored" in warnings[0] and "did you mean dtype?" in warnings[1]
 
 
+def test_serve_ignores_the_keys_it_warns_about(tmp_path) -> None:
+    path = write(tmp_path, "c.toml", "max_message_bytes = 1\nrank = 5\n")     # the launcher's to decide
+    parser = argparse.ArgumentParser()
+    add_stack_arguments(parser)
+    _, executors = build_configs(parser.parse_args(["--config", str(path)]))
+    assert (executors[0].rank, executors[0].max_message_bytes) == (0, ExecutorConfig().max_message_bytes)
+
+
 # ---------------------------------------------------------------- errors
 
 def test_a_bad_value_names_its_flag_and_the_environment_variable() -> None:
