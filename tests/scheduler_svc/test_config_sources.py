@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -287,3 +288,15 @@ def test_kernel_switches_are_config_fields_read_from_their_variables() -> None:
     assert environment["PAGEDSERVE_CUDA_KERNELS"] == "false"
     assert "PAGEDSERVE_EXECUTOR_CUDA_KERNELS" not in environment
     assert ExecutorConfig.from_sources(None, environment) == config
+
+
+def test_the_readme_example_config_file_is_valid(tmp_path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("```toml\n# pagedserve serve --config serve.toml\n", 1)[1].split("```", 1)[0]
+    path = write(tmp_path, "serve.toml", example)
+    assert unknown_settings(load_config_file(path), environ={}) == []
+    parser = argparse.ArgumentParser()
+    add_stack_arguments(parser)
+    scheduler, _ = build_configs(parser.parse_args(["--config", str(path)]))
+    assert (scheduler.scheduling.max_num_seqs, scheduler.scheduling.swap_space_bytes) == (64, 8 * 2**30)
+    assert scheduler.scheduling.enable_prefix_caching and scheduler.serving.port == 50052
