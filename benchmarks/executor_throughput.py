@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import transformers
 
-from clients.progress import Progress
+from clients.loadgen import progress_bar
 from clients.tables import markdown_table
 from executor_svc.config import ExecutorConfig
 from executor_svc.model_backend import ModelBackend
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
         prompt = [3 + (i * 131 + j * 7) % (describe.vocab_size - 3) for j in range(args.prompt_len)]
         scheduler.add_request(f"r{i}", prompt, SamplingParams(max_tokens=args.output_len, ignore_eos=True,
                                                               temperature=0.0))
-    progress = Progress("generate", args.num_requests)
+    progress = progress_bar("generate", args.num_requests)
     batch_sizes, step_seconds, generated, rooflines = [], [], 0, []
     profiler = StepProfiler(args.profile_steps)
     start = time.perf_counter()
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> dict:
             rooflines.append(result.roofline_seconds / result.forward_seconds)
         for out in scheduler.process_result(result):
             generated += sum(len(c.token_ids) for c in out.outputs)
-        progress.update(scheduler.num_finished)
+        progress.update(scheduler.num_finished - progress.n)
     wall = time.perf_counter() - start
     progress.close()
     return {"output_tokens": generated, "wall_seconds": wall, "output_tokens_per_second": generated / wall,

@@ -42,6 +42,7 @@ sys.path[:0] = SOURCE_PATHS
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForCausalLM,
@@ -55,8 +56,7 @@ from transformers.generation.continuous_batching.utils import WorkloadHints  # n
 
 from clients import bench_report  # noqa: E402
 from clients.bench_records import ClientSummary, RequestRecord, summarize  # noqa: E402
-from clients.loadgen import WorkloadSpec, build_load_requests  # noqa: E402
-from clients.progress import Progress  # noqa: E402
+from clients.loadgen import WorkloadSpec, build_load_requests, progress_bar  # noqa: E402
 from clients.tables import markdown_table  # noqa: E402
 from clients.traces import TRACES  # noqa: E402
 from executor_svc.weights import fill_dummy_weights  # noqa: E402
@@ -96,9 +96,9 @@ def build_requests(trace_name: str, num_requests: int, seed: int, vocab_size: in
     """The requests of a trace, built exactly as our load generator builds them.
 
     `trace_name` is a key of `clients.traces.TRACES` or "fixed" (which needs `prompt_len` and
-    `output_len`). Prompts are clipped to `max_model_len - 1` tokens and outputs so that prompt + output
-    fit in `max_model_len` (at least one token). A finite `request_rate` spreads arrivals (gamma gaps with
-    `burstiness`, 1 is Poisson); None or infinity puts every arrival at 0 (offline).
+    `output_len`). Synthetic lengths are drawn so that prompt + output fit in `max_model_len`; fixed ones
+    that do not fit raise InvalidArgumentError (a ValueError). A finite `request_rate` spreads arrivals
+    (gamma gaps with `burstiness`, 1 is Poisson); None or infinity puts every arrival at 0 (offline).
     """
     fixed = {"prompt_len": prompt_len, "output_len": output_len} if trace_name == "fixed" else {}
     if trace_name == "fixed" and (prompt_len is None or output_len is None):
@@ -177,8 +177,8 @@ def _sleep_until(origin: float, at: float) -> None:
         time.sleep(delay)
 
 
-def _progress(label: str, total: int, enabled: bool) -> Progress | None:
-    return Progress(label, total) if enabled else None
+def _progress(label: str, total: int, enabled: bool) -> tqdm | None:
+    return progress_bar(label, total) if enabled else None
 
 
 # --- hf-static -------------------------------------------------------------------------------------
@@ -316,7 +316,8 @@ def run_hf_static(model: PreTrainedModel, requests: Sequence[PeerRequest], *, ba
         del waiting[:len(batch)]
         done += len(batch)
         if bar is not None:
-            bar.update(done, f"batch of {len(batch)}")
+            bar.set_postfix_str(f"batch of {len(batch)}", refresh=False)
+            bar.update(done - bar.n)
     elapsed = time.perf_counter() - origin
     if bar is not None:
         bar.close()
@@ -355,7 +356,7 @@ class _ContinuousRun:
     """
 
     def __init__(self, manager: Any, requests: Sequence[PeerRequest], origin: float, stream: bool,
-                 bar: Progress | None) -> None:
+                 bar: tqdm | None) -> None:
         self.manager = manager
         self.records = {r.index: _new_record(r) for r in requests}
         self.origin = origin
@@ -451,7 +452,8 @@ class _ContinuousRun:
     def _count_done(self) -> None:
         self.done += 1
         if self.bar is not None:
-            self.bar.update(self.done, f"{len(self.outstanding)} in flight")
+            self.bar.set_postfix_str(f"{len(self.outstanding)} in flight", refresh=False)
+            self.bar.update(1)
 
 
 def _drive(run: _ContinuousRun, requests: Sequence[PeerRequest]) -> None:

@@ -99,6 +99,65 @@ def failure_lines(client: Mapping[str, Any], examples: int = 1) -> list[str]:
     return lines
 
 
+SUMMARY_WIDTH = 100        # the terminal summary's lines never exceed this
+_KEY_WIDTH = 40
+
+
+def summary(system: str, run: Mapping[str, Any], api: str = "grpc") -> str:
+    """One run as `vllm bench serve` prints it: key/value lines under a title, sections per latency.
+
+    Each line fits SUMMARY_WIDTH columns whatever the values; the wide table (`markdown`) is for files.
+    """
+    c, s = run["client"], run["server"]
+    rate = request_rate(run)
+    lines = [_title(" Serving Benchmark Result ", "="),
+             _pair("System", system), _pair("API", api),
+             _pair("Request rate (req/s)", "inf (offline)" if math.isinf(rate) else f"{rate:g}"),
+             _pair("Successful requests", c["completed"]), _pair("Failed requests", failed_cell(c)),
+             _pair("Benchmark duration (s)", _or_dash(c["duration_s"], ".2f")),
+             _pair("Total input tokens", c["prompt_tokens"]),
+             _pair("Input tokens from the prefix cache", c.get("cached_prompt_tokens", 0)),
+             _pair("Total generated tokens", c["output_tokens"]),
+             _pair("Request throughput (req/s)", _or_dash(c["requests_per_s"], ".2f")),
+             _pair("Output token throughput (tok/s)", _or_dash(c["output_tokens_per_s"], ".2f")),
+             _pair("Total token throughput (tok/s)", _or_dash(c["total_tokens_per_s"], ".2f")),
+             _pair("Normalized latency (s/token)", _or_dash(c["normalized_latency_s"], ".4f")),
+             _pair("Mean E2E latency (ms)", _or_dash(_ms(c.get("mean_latency_s")), ".2f"))]
+    for key, title, name in (("ttft", "Time to First Token", "TTFT"),
+                             ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+                             ("itl", "Inter-token Latency", "ITL")):
+        lines += [_title(title, "-"), *(_pair(f"{label} {name} (ms)", _or_dash(c[key][field], ".2f"))
+                                        for label, field in (("Mean", "mean_ms"), ("Median", "p50_ms"),
+                                                             ("P99", "p99_ms")))]
+    if s:
+        lines += [_title("Server (scheduler metrics)", "-"), *_server_lines(s)]
+    lines.append("=" * len(lines[0]))
+    return "\n".join(line[:SUMMARY_WIDTH] for line in lines)
+
+
+def _server_lines(s: Mapping[str, Any]) -> list[str]:
+    return [_pair("Engine iterations", s["iterations"]),
+            _pair("Batched requests (mean)", _or_dash(s.get("mean_batched_requests"), ".1f")),
+            _pair("KV utilization (mean)", _or_dash(s.get("mean_kv_utilization"), ".1%")),
+            _pair("KV blocks saved by sharing (mean)", _or_dash(s.get("mean_kv_sharing_saved"), ".1%")),
+            _pair("Preemptions (swap / recompute)",
+                  f"{s['preemptions_swap']} / {s['preemptions_recompute']}"),
+            _pair("Control plane share of step time", _or_dash(s.get("control_plane_fraction"), ".1%")),
+            _pair("Decode roofline ratio (mean)", _or_dash(s.get("mean_decode_roofline"), ".2f"))]
+
+
+def _title(text: str, fill: str) -> str:
+    return text.center(_KEY_WIDTH + 10, fill)
+
+
+def _pair(key: str, value: object) -> str:
+    return f"{key + ':':<{_KEY_WIDTH}} {value}"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
 def markdown(results: Sequence[Result]) -> str:
     """One table row per system and rate."""
     rows = [table_row(r["system"], run) for r in results for run in r["runs"]]

@@ -3,7 +3,8 @@
 Offline runs send every request at t=0; online runs send each at its arrival time (Poisson, or gamma
 with a burstiness factor, as `vllm bench serve` does). Every request sets ignore_eos and max_tokens to
 its trace length, so every system produces exactly the same tokens. Each request becomes a
-RequestRecord (clients/bench_records.py) timed on the client's clock.
+RequestRecord (clients/bench_records.py) timed on the client's clock. The prompts are seeded random
+tokens, or a dataset's real conversations (clients/datasets.py) for the "dataset" trace.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm import tqdm
+
 from clients.bench_records import RequestRecord
 from clients.client import AsyncPagedServeClient, PagedServeError
-from clients.progress import Progress
+from clients.datasets import DatasetSample
 from clients.request_builder import build_generate_request
 from clients.traces import (
     TRACES,
@@ -30,6 +33,7 @@ from clients.traces import (
 from pagedserve.errors import InvalidArgumentError
 
 TRACE_NAMES = (*TRACES, "fixed")
+DATASET_TRACE = "dataset"       # the requests of a dataset file (--dataset-path), not a synthetic trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +42,9 @@ class WorkloadSpec:
 
     `request_rate` is requests per second; infinity sends everything at t=0 (offline). `burstiness` is
     the gamma shape of the gaps (1 is Poisson; lower is burstier). `shared_prefix_len` gives every prompt
-    the same first tokens (a system prompt). Lengths are clipped to the served model's context.
+    the same first tokens (a system prompt). Synthetic traces are drawn to fit the served model's
+    context; fixed lengths that do not fit it are an error. Trace "dataset" takes its requests from the
+    file at `dataset_path`.
     """
 
     trace: str = "sharegpt"
@@ -51,10 +57,13 @@ class WorkloadSpec:
     request_rate: float = math.inf
     burstiness: float = 1.0
     seed: int = 0
+    dataset_path: str = ""
 
     def __post_init__(self) -> None:
-        _check(self.trace in TRACE_NAMES, "trace",
+        _check(self.trace in (*TRACE_NAMES, DATASET_TRACE), "trace",
                f"must be one of {', '.join(TRACE_NAMES)}, got {self.trace!r}")
+        _check((self.trace == DATASET_TRACE) == bool(self.dataset_path), "dataset_path",
+               f"the {DATASET_TRACE} trace, and only it, reads a dataset file")
         _check(self.num_requests >= 1, "num_requests", f"must be at least 1, got {self.num_requests}")
         _check(self.prompt_len >= 1, "prompt_len", f"must be at least 1, got {self.prompt_len}")
         _check(self.output_len >= 1, "output_len", f"must be at least 1, got {self.output_len}")
@@ -89,30 +98,59 @@ class LoadRequest:
     arrival_time: float = 0.0
 
 
-def trace_of(spec: WorkloadSpec) -> list[TraceRequest]:
-    """The spec's lengths, sharing and arrival times."""
-    if spec.trace == "fixed":
+def trace_of(spec: WorkloadSpec, max_model_len: int | None = None,
+             dataset: Sequence[DatasetSample] | None = None) -> list[TraceRequest]:
+    """The spec's lengths, sharing and arrival times; synthetic lengths drawn to fit `max_model_len`
+    with the shared prefix in front, and a dataset's lengths its samples'."""
+    if spec.trace == DATASET_TRACE:
+        _check(dataset is not None, "dataset_path", "the dataset trace needs the dataset's samples")
+        assert dataset is not None
+        trace = [TraceRequest(len(d.prompt_token_ids), d.output_len) for d in dataset[:spec.num_requests]]
+    elif spec.trace == "fixed":
         trace = fixed_trace(spec.num_requests, spec.prompt_len, spec.output_len)
     else:
-        trace = TRACES[spec.trace](spec.num_requests, seed=spec.seed)
+        room = None if max_model_len is None else max_model_len - spec.shared_prefix_len
+        _check(room is None or room >= 2, "shared_prefix_len",
+               f"{spec.shared_prefix_len} tokens leave no room for a prompt and an output in the model's "
+               f"context of {max_model_len}")
+        trace = TRACES[spec.trace](spec.num_requests, seed=spec.seed, max_total_len=room)
     trace = with_sharing(trace, n=spec.n, beam_width=spec.beam_width)
     if not spec.offline:
         trace = with_poisson_arrivals(trace, spec.request_rate, spec.burstiness, seed=spec.seed)
     return trace
 
 
-def build_load_requests(spec: WorkloadSpec, vocab_size: int, max_model_len: int) -> list[LoadRequest]:
-    """The spec as token-id prompts that fit the model: prompt < max_model_len, prompt + output <= it.
+def build_load_requests(spec: WorkloadSpec, vocab_size: int, max_model_len: int,
+                        dataset: Sequence[DatasetSample] | None = None) -> list[LoadRequest]:
+    """The spec as token-id prompts: a shared prefix in front of the trace's (or dataset's) prompt.
 
-    A shared prefix is added in front of the trace's prompt length (so prompts grow by it).
+    Every request must fit the model, prompt < max_model_len and prompt + output <= it, as the server
+    requires. One that does not (fixed lengths, or a shared prefix, too long) is an InvalidArgumentError
+    rather than clipped: a benchmark of other lengths than asked for would mislead.
     """
     requests = []
-    for i, r in enumerate(trace_of(spec)):
-        prompt_len = max(1, min(r.prompt_len + spec.shared_prefix_len, max_model_len - 1))
-        output_len = max(1, min(r.output_len, max_model_len - prompt_len))
-        prompt = shared_prefix_prompt(i, prompt_len, spec.shared_prefix_len, vocab_size, spec.seed)
-        requests.append(LoadRequest(i, tuple(prompt), output_len, r.n, r.beam_width, r.arrival_time))
+    for i, r in enumerate(trace_of(spec, max_model_len, dataset)):
+        prompt_len = r.prompt_len + spec.shared_prefix_len
+        _check_fits(spec, prompt_len, r.output_len, max_model_len)
+        if dataset is not None:
+            prefix = shared_prefix_prompt(i, spec.shared_prefix_len, spec.shared_prefix_len, vocab_size,
+                                          spec.seed)
+            prompt = (*prefix, *dataset[i].prompt_token_ids)
+        else:
+            prompt = tuple(shared_prefix_prompt(i, prompt_len, spec.shared_prefix_len, vocab_size, spec.seed))
+        requests.append(LoadRequest(i, prompt, r.output_len, r.n, r.beam_width, r.arrival_time))
     return requests
+
+
+def _check_fits(spec: WorkloadSpec, prompt_len: int, output_len: int, max_model_len: int) -> None:
+    """Refuse lengths the model cannot serve, naming the flag to change."""
+    prefix = f" ({spec.shared_prefix_len} of them the shared prefix)" if spec.shared_prefix_len else ""
+    _check(prompt_len < max_model_len, "shared_prefix_len" if spec.shared_prefix_len else "prompt_len",
+           f"a prompt of {prompt_len} tokens{prefix} leaves no room for output in the model's context of "
+           f"{max_model_len} tokens")
+    _check(prompt_len + output_len <= max_model_len, "output_len",
+           f"{prompt_len} prompt{prefix} + {output_len} output tokens exceed the model's context of "
+           f"{max_model_len} tokens; at most {max_model_len - prompt_len} output tokens fit")
 
 
 def sampling_arguments(request: LoadRequest, seed: int) -> dict[str, object]:
@@ -135,7 +173,7 @@ class LoadGenerator:
     """
 
     def __init__(self, client: Any, requests: Sequence[LoadRequest], seed: int = 0,
-                 progress: Progress | None = None) -> None:
+                 progress: tqdm | None = None) -> None:
         self.clients = list(client) if isinstance(client, list | tuple) else [client]
         self.requests = list(requests)
         self.seed = seed
@@ -153,7 +191,8 @@ class LoadGenerator:
         ends = [r.finished for r in self.records if r.finished is not None]
         duration = max(ends) if ends else time.perf_counter() - self._start
         if self.progress is not None:
-            self.progress.close(f"{sum(not r.ok for r in self.records)} failed")
+            self.progress.set_postfix_str(f"{sum(not r.ok for r in self.records)} failed", refresh=True)
+            self.progress.close()
         return self.records, duration
 
     def _now(self) -> float:
@@ -173,7 +212,7 @@ class LoadGenerator:
             record.error = "the stream ended without its usage message"
         self._finished += 1
         if self.progress is not None:
-            self.progress.update(self._finished)
+            self.progress.update(1)
 
     async def _deliver(self, request: LoadRequest, record: RequestRecord, client: Any) -> None:
         """Send one request through `client` and record its stream."""
@@ -211,7 +250,7 @@ async def run_workload(target: str, requests: Sequence[LoadRequest], *, seed: in
     """Open `num_clients` clients to `target` (each its own connection), run the requests spread over
     them, close them; returns the records and the duration."""
     _check(num_clients >= 1, "num_clients", f"must be at least 1, got {num_clients}")
-    progress = Progress(label, len(requests)) if show_progress else None
+    progress = progress_bar(label, len(requests)) if show_progress else None
     # gRPC shares one connection between channels to the same target unless told otherwise.
     options = [("grpc.use_local_subchannel_pool", 1)] if num_clients > 1 else []
     clients = [AsyncPagedServeClient(target, token=token, root_certificates=root_certificates,
@@ -223,6 +262,11 @@ async def run_workload(target: str, requests: Sequence[LoadRequest], *, seed: in
     finally:
         for client in clients:
             await client.close()
+
+
+def progress_bar(label: str, total: int) -> tqdm:
+    """A tqdm bar on stderr counting finished requests (redrawn in place on a terminal)."""
+    return tqdm(total=total, desc=label, unit="req", dynamic_ncols=True, leave=True)
 
 
 def _check(condition: bool, name: str, message: str) -> None:

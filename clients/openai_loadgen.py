@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx2
+from tqdm import tqdm
 
 from clients.bench_records import RequestRecord
-from clients.loadgen import LoadGenerator, LoadRequest, sampling_arguments
-from clients.progress import Progress
+from clients.loadgen import LoadGenerator, LoadRequest, progress_bar, sampling_arguments
 
 
 def completion_body(request: LoadRequest, seed: int, model: str) -> dict[str, Any]:
@@ -35,7 +35,7 @@ class OpenAILoadGenerator(LoadGenerator):
     """Sends a workload as streamed completions through httpx2 clients (one connection pool each)."""
 
     def __init__(self, clients: Sequence[httpx2.AsyncClient], requests: Sequence[LoadRequest], model: str,
-                 seed: int = 0, progress: Progress | None = None) -> None:
+                 seed: int = 0, progress: tqdm | None = None) -> None:
         super().__init__(list(clients), requests, seed, progress)
         self.model = model
 
@@ -85,7 +85,7 @@ async def run_openai_workload(base_url: str, requests: Sequence[LoadRequest], mo
 
     `root_certificates` (PEM) are trusted for an https URL, as the gRPC client trusts them.
     """
-    progress = Progress(label, len(requests)) if show_progress else None
+    progress = progress_bar(label, len(requests)) if show_progress else None
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     # No pool limit: every request of an offline run holds its own streaming connection at once.
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)

@@ -1,7 +1,8 @@
 """`pagedserve simulate`: the scheduler on a synthetic trace against the simulated executor, no GPU.
 
 By default it runs the same trace under PagedAttention and the three contiguous-reservation
-baselines and prints the paper's memory comparison (batched requests, KV utilization).
+baselines and prints the paper's memory comparison (batched requests, KV utilization). It exits 1 when
+any request failed (one that can never fit the KV pool, say), so that a script notices.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from clients.progress import Progress
+from clients.loadgen import progress_bar
 from clients.simulation import SimulatedRequest, SimulationReport, simulate
 from clients.tables import markdown_table
 from clients.traces import TRACES, TraceRequest, fixed_trace, prompt_token_ids, with_sharing
@@ -50,20 +51,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     SchedulerConfig.add_arguments(parser)
 
 
-def build_requests(args: argparse.Namespace) -> list[SimulatedRequest]:
-    """The trace as prompts and sampling parameters (ignore_eos, so lengths are exact)."""
+def build_requests(args: argparse.Namespace, max_model_len: int) -> list[SimulatedRequest]:
+    """The trace as prompts and sampling parameters (ignore_eos, so lengths are exact).
+
+    Synthetic lengths are drawn to fit `max_model_len`; fixed ones that do not fit are an
+    InvalidArgumentError, as `pagedserve bench` refuses them, rather than clipped.
+    """
     if args.trace == "fixed":
         trace: list[TraceRequest] = fixed_trace(args.num_requests, args.prompt_len, args.output_len)
+        if args.prompt_len >= max_model_len or args.prompt_len + args.output_len > max_model_len:
+            raise InvalidArgumentError("output_len", f"{args.prompt_len} prompt + {args.output_len} output "
+                                       f"tokens do not fit the model's context of {max_model_len} tokens")
     else:
-        trace = TRACES[args.trace](args.num_requests, seed=args.seed)
+        trace = TRACES[args.trace](args.num_requests, seed=args.seed, max_total_len=max_model_len)
     trace = with_sharing(trace, n=args.n, beam_width=args.beam_width)
     requests = []
     for i, r in enumerate(trace):
-        prompt_len = min(r.prompt_len, args.model_len - 1)
-        output_len = max(1, min(r.output_len, args.model_len - prompt_len))
-        params = SamplingParams(n=r.n, max_tokens=output_len, ignore_eos=True, seed=args.seed + i,
+        params = SamplingParams(n=r.n, max_tokens=r.output_len, ignore_eos=True, seed=args.seed + i,
                                 beam_width=r.beam_width, temperature=0.0 if r.beam_width else 1.0)
-        requests.append(SimulatedRequest(prompt_token_ids(i, prompt_len, VOCAB_SIZE, args.seed), params))
+        requests.append(SimulatedRequest(prompt_token_ids(i, r.prompt_len, VOCAB_SIZE, args.seed), params))
     return requests
 
 
@@ -79,13 +85,13 @@ def _modes(args: argparse.Namespace, config: SchedulerConfig) -> list[Reservatio
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the simulations and print one markdown table row per reservation mode."""
+    """Run the simulations and print one markdown table row per reservation mode; 1 if any request failed."""
     base = SchedulerConfig.from_sources(args)
     if base.max_model_len is None:
         base = dataclasses.replace(base, max_model_len=args.model_len)
     if not base.enable_chunked_prefill and base.max_num_batched_tokens < base.max_model_len:
         base = dataclasses.replace(base, max_num_batched_tokens=base.max_model_len)
-    requests = build_requests(args)
+    requests = build_requests(args, base.max_model_len)
     num_gpu_blocks = args.kv_tokens // base.block_size
     num_cpu_blocks = args.cpu_kv_tokens // base.block_size
     print(f"{len(requests)} {args.trace} requests (n={args.n}, beam width={args.beam_width}), "
@@ -94,14 +100,19 @@ def run(args: argparse.Namespace) -> int:
     reports: list[SimulationReport] = []
     for mode in _modes(args, base):
         config = dataclasses.replace(base, reservation=mode)
-        progress = Progress(f"simulate {mode.value}", len(requests))
+        progress = progress_bar(f"simulate {mode.value}", len(requests))
         report = simulate(config, requests, num_gpu_blocks, num_cpu_blocks, base.max_model_len,
-                          VOCAB_SIZE, on_step=lambda _, finished, p=progress: p.update(finished),
+                          VOCAB_SIZE, on_step=lambda _, finished, p=progress: p.update(finished - p.n),
                           check_integrity=args.check)
-        progress.close(f"{report.steps} steps")
+        progress.set_postfix_str(f"{report.steps} steps", refresh=True)
+        progress.close()
         reports.append(report)
     print(markdown_table([title for _, title in COLUMNS],
                          [[getattr(r, name) for name, _ in COLUMNS] for r in reports]))
     if args.json is not None:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2) + "\n")
-    return 0
+    failed = [r for r in reports if r.num_failed]
+    for report in failed:
+        print(f"pagedserve simulate: {report.num_failed} of {report.num_requests} requests failed under "
+              f"{report.reservation}", file=sys.stderr)
+    return 1 if failed else 0

@@ -26,22 +26,44 @@ def _lognormal_length(rng: random.Random, mean: float, cap: int) -> int:
     return max(1, min(cap, round(rng.lognormvariate(mu, _LENGTH_SIGMA))))
 
 
+# Draws per request before a context too short for the trace is given up on.
+_MAX_DRAWS_PER_REQUEST = 1000
+
+
 def lognormal_trace(num_requests: int, mean_prompt: float, mean_output: float, cap: int = 1024,
-                    seed: int = 0) -> list[TraceRequest]:
-    """Prompt and output lengths drawn from lognormal distributions with the given means, capped."""
+                    seed: int = 0, max_total_len: int | None = None) -> list[TraceRequest]:
+    """Prompt and output lengths drawn from lognormal distributions with the given means, capped.
+
+    With `max_total_len`, a pair whose prompt + output exceeds it is drawn again, as vLLM's benchmark
+    skips ShareGPT conversations too long for the model: clipping it instead would pile requests up at
+    the limit. Without one (or when every pair fits) the trace is the same as before.
+    """
+    if max_total_len is not None and max_total_len < 2:
+        raise ValueError(f"max_total_len must be at least 2 (one prompt and one output token), "
+                         f"got {max_total_len}")
     rng = random.Random(seed)
-    return [TraceRequest(_lognormal_length(rng, mean_prompt, cap), _lognormal_length(rng, mean_output, cap))
-            for _ in range(num_requests)]
+    trace: list[TraceRequest] = []
+    for _ in range(num_requests * _MAX_DRAWS_PER_REQUEST):
+        if len(trace) == num_requests:
+            break
+        request = TraceRequest(_lognormal_length(rng, mean_prompt, cap),
+                               _lognormal_length(rng, mean_output, cap))
+        if max_total_len is None or request.prompt_len + request.output_len <= max_total_len:
+            trace.append(request)
+    if len(trace) < num_requests:
+        raise ValueError(f"a context of {max_total_len} tokens is too short for this trace "
+                         f"(mean {mean_prompt:g} in / {mean_output:g} out)")
+    return trace
 
 
-def sharegpt_like(num_requests: int, seed: int = 0) -> list[TraceRequest]:
+def sharegpt_like(num_requests: int, seed: int = 0, max_total_len: int | None = None) -> list[TraceRequest]:
     """ShareGPT-like: long conversations, means 161 in / 338 out, capped at 1024 / 1024."""
-    return lognormal_trace(num_requests, 161, 338, 1024, seed)
+    return lognormal_trace(num_requests, 161, 338, 1024, seed, max_total_len)
 
 
-def alpaca_like(num_requests: int, seed: int = 0) -> list[TraceRequest]:
+def alpaca_like(num_requests: int, seed: int = 0, max_total_len: int | None = None) -> list[TraceRequest]:
     """Alpaca-like: short instructions, means 19 in / 58 out."""
-    return lognormal_trace(num_requests, 19, 58, 1024, seed)
+    return lognormal_trace(num_requests, 19, 58, 1024, seed, max_total_len)
 
 
 def fixed_trace(num_requests: int, prompt_len: int, output_len: int) -> list[TraceRequest]:

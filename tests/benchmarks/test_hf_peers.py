@@ -94,11 +94,10 @@ def assert_sane_summary(records: Sequence[RequestRecord], duration: float) -> No
 
 # --- the trace -------------------------------------------------------------------------------------
 
-def test_build_requests_clips_lengths_like_the_load_generator() -> None:
+def test_build_requests_draws_lengths_that_fit_like_the_load_generator() -> None:
     requests = hf_peers.build_requests("sharegpt", 50, seed=3, vocab_size=VOCAB, max_model_len=64)
     assert all(1 <= r.prompt_len <= 63 and r.output_len >= 1 and r.prompt_len + r.output_len <= 64
                for r in requests)
-    assert any(r.prompt_len == 63 for r in requests)            # sharegpt prompts do get clipped at 64
     assert all(3 <= t < VOCAB for r in requests for t in r.prompt_token_ids)
     assert all(r.arrival_time == 0 for r in requests)
     assert requests == hf_peers.build_requests("sharegpt", 50, seed=3, vocab_size=VOCAB, max_model_len=64)
@@ -106,10 +105,13 @@ def test_build_requests_clips_lengths_like_the_load_generator() -> None:
 
 def test_build_requests_online_and_fixed() -> None:
     online = hf_peers.build_requests("fixed", 20, seed=0, vocab_size=VOCAB, max_model_len=64,
-                                     request_rate=5.0, prompt_len=10, output_len=60)
+                                     request_rate=5.0, prompt_len=10, output_len=54)
     arrivals = [r.arrival_time for r in online]
     assert arrivals[0] == 0 and arrivals == sorted(arrivals) and arrivals[-1] > 0
-    assert {(r.prompt_len, r.output_len) for r in online} == {(10, 54)}     # output clipped to 64 - 10
+    assert {(r.prompt_len, r.output_len) for r in online} == {(10, 54)}
+    with pytest.raises(ValueError, match="at most 54 output tokens fit"):     # refused, not clipped
+        hf_peers.build_requests("fixed", 3, seed=0, vocab_size=VOCAB, max_model_len=64, prompt_len=10,
+                                output_len=55)
     offline = hf_peers.build_requests("fixed", 3, seed=0, vocab_size=VOCAB, max_model_len=64,
                                       request_rate=math.inf, prompt_len=10, output_len=5)
     assert [r.arrival_time for r in offline] == [0, 0, 0]
@@ -284,7 +286,7 @@ def test_requests_match_the_load_generator() -> None:
     loadgen = pytest.importorskip("clients.loadgen")        # needs the gRPC client stack
     for fields in ({"trace": "sharegpt", "num_requests": 30, "seed": 2},
                    {"trace": "alpaca", "num_requests": 30, "seed": 0, "request_rate": 4.0, "burstiness": 0.5},
-                   {"trace": "fixed", "num_requests": 4, "prompt_len": 70, "output_len": 9}):
+                   {"trace": "fixed", "num_requests": 4, "prompt_len": 50, "output_len": 9}):
         spec = loadgen.WorkloadSpec(**fields)
         ours = hf_peers.build_requests(spec.trace, spec.num_requests, spec.seed, VOCAB, 64,
                                        request_rate=spec.request_rate, burstiness=spec.burstiness,

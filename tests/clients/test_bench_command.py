@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,14 @@ from small_stack import SMALL_STACK, running_small_stack
 from clients import bench_command
 from clients.bench_command import parse_rates
 from clients.cli import main as pagedserve
+from clients.datasets import read_conversations, sample, tokenizer_encoder
 from clients.loadgen import WorkloadSpec, build_load_requests
 from pagedserve.default_model import default_model_dir
 from pagedserve.errors import InvalidArgumentError
 from tests.e2e.e2e_stack import RunningStack, require_model
 
 # A small KV pool and a short profiling step: each stack starts in a few seconds on CPU.
+DATASET = Path(__file__).parent / "data" / "sharegpt_small.json"
 
 
 # ---- parse_rates and validation ------------------------------------------------------------------------
@@ -51,10 +55,28 @@ def no_stack(monkeypatch):
     (["--n", "2", "--beam-width", "2"], "n"),
     (["--burstiness", "0"], "burstiness"),
     (["--request-rate", "1,2", "--shared-prefix-len", "-1"], "shared_prefix_len"),
+    (["--plot", "latency.png"], "plot"),                       # offline only: no rate to draw against
+    (["--plot", "latency.png", "--request-rate", "inf,inf"], "plot"),
+    (["--dataset-path", "/nonexistent/sharegpt.json"], "dataset_path"),
+    (["--dataset-path", str(Path(__file__).parent / "data" / "sharegpt_small.json"), "--tokenizer",
+      "/nonexistent/tokenizer"], "tokenizer"),
 ])
 def test_invalid_workload_flags_exit_2_before_starting_anything(flags, field, no_stack, capsys):
     assert pagedserve(["bench", "--no-progress", *flags]) == 2
     assert f"pagedserve bench: invalid {field}: " in capsys.readouterr().err
+
+
+def test_a_target_that_does_not_answer_fails_within_the_connect_timeout(capsys):
+    """A wrong --target is an error naming it after CONNECT_TIMEOUT_S, not a minute's wait."""
+    with socket.socket() as sock:           # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    assert pagedserve(["bench", "--target", f"127.0.0.1:{port}", "--no-progress", "--trace", "fixed",
+                       "--num-requests", "1"]) == 1
+    assert time.monotonic() - started < bench_command.CONNECT_TIMEOUT_S + 5
+    err = capsys.readouterr().err
+    assert f"cannot connect to 127.0.0.1:{port} within 5 s" in err and "check --target" in err
 
 
 # ---- smoke runs on the embedded model ------------------------------------------------------------------
@@ -73,9 +95,9 @@ def expected_requests(result: dict, **spec: object):
 
 def test_offline_alpaca_smoke_run_writes_exact_client_and_sane_server_stats(tmp_path, capsys):
     require_model()
-    path = tmp_path / "result.json"
+    path, table = tmp_path / "result.json", tmp_path / "result.md"
     code = pagedserve(["bench", "--trace", "alpaca", "--num-requests", "6", "--json", str(path),
-                       "--no-progress", *SMALL_STACK])
+                       "--markdown", str(table), "--no-progress", *SMALL_STACK])
     assert code == 0
     result = read_result(path)
     assert result["model"]["model_name"] == Path(default_model_dir()).name
@@ -97,8 +119,13 @@ def test_offline_alpaca_smoke_run_writes_exact_client_and_sane_server_stats(tmp_
     assert 0 <= s["control_plane_fraction"] <= 1
     assert (s["preemptions_swap"], s["preemptions_recompute"]) == (0, 0)
     assert (s["block_size"], s["gpu_kv_blocks"]) == (16, result["model"]["num_gpu_blocks"])
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| system") and table[-1].startswith("| pagedserve | offline")
+    summary = capsys.readouterr().out.splitlines()         # the terminal gets the narrow summary
+    assert summary[0] == "============ Serving Benchmark Result ============"
+    assert "Successful requests:                     6" in summary
+    assert any(line.startswith("Engine iterations:") for line in summary)
+    assert max(len(line) for line in summary) <= 100
+    rows = table.read_text().splitlines()                  # the file gets the wide table
+    assert rows[0].startswith("| system") and rows[-1].startswith("| pagedserve | offline")
 
 
 def test_online_run_at_two_rates_honours_arrivals_and_plots(tmp_path):
@@ -189,3 +216,30 @@ def test_the_openai_api_runs_the_same_workload_to_the_same_counts(stack, tmp_pat
     assert (client["completed"], client["failed"], client["output_tokens"]) == (3, 0, 3 * 5 * outputs)
     assert client["prompt_tokens"] == 3 * 6 and client["ttft"]["p50_ms"] > 0
     assert run["server"]["iterations"] >= 5
+
+
+def test_a_sharegpt_dataset_against_a_running_server_sends_its_conversations(stack, tmp_path, capsys):
+    """The fixture's four usable conversations, tokenized with the served (embedded) model's tokenizer."""
+    path = tmp_path / "sharegpt.json"
+    code = pagedserve(["bench", "--target", stack.target, "--dataset-path", str(DATASET), "--num-requests",
+                       "4", "--json", str(path), "--no-progress"])
+    assert code == 0
+    result = read_result(path)
+    assert result["workload"]["trace"] == "dataset" and result["workload"]["dataset_path"] == str(DATASET)
+    encode = tokenizer_encoder(default_model_dir())
+    taken = sample(read_conversations(DATASET), encode, 4, result["model"]["max_model_len"])
+    (run,) = result["runs"]
+    assert (run["client"]["completed"], run["client"]["failed"]) == (4, 0)
+    assert run["client"]["prompt_tokens"] == sum(len(s.prompt_token_ids) for s in taken.samples)
+    assert run["client"]["output_tokens"] == sum(s.output_len for s in taken.samples)
+    assert f"dataset {DATASET}: 4 requests from" in capsys.readouterr().err
+    assert pagedserve(["bench", "--target", stack.target, "--dataset-path", str(DATASET), "--num-requests",
+                       "5", "--no-progress"]) == 2         # the fixture has four usable conversations
+
+
+def test_fixed_lengths_over_the_served_model_are_refused(stack, capsys):
+    code = pagedserve(["bench", "--target", stack.target, "--trace", "fixed", "--prompt-len", "1000",
+                       "--output-len", "100", "--num-requests", "1", "--no-progress"])
+    assert code == 2
+    assert "invalid output_len: 1000 prompt + 100 output tokens exceed the model's context" in (
+        capsys.readouterr().err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -158,3 +159,27 @@ def test_failed_requests_are_counted_by_code_in_the_table_json_and_failure_lines
     assert cell == "4 (RESOURCE_EXHAUSTED 2, INCOMPLETE 1, UNAVAILABLE 1)"
     lines = bench_report.failure_lines(run["client"])
     assert lines[1] == "failed: 2 x RESOURCE_EXHAUSTED (e.g. request 1: the waiting queue is full)"
+
+
+def test_the_terminal_summary_is_key_value_lines_that_fit_100_columns():
+    run = bench_report.run_entry(math.inf, client(), server())
+    text = bench_report.summary("pagedserve", run)
+    lines = text.splitlines()
+    assert lines[0] == "============ Serving Benchmark Result ============"     # as vllm bench serve
+    assert lines[-1] == "=" * len(lines[0])
+    assert max(len(line) for line in lines) <= bench_report.SUMMARY_WIDTH
+    assert "Request rate (req/s):                    inf (offline)" in lines
+    assert "Output token throughput (tok/s):         150.04" in lines
+    assert "Median TTFT (ms):                        12.34" in lines and "Mean ITL (ms):" in text
+    assert "Preemptions (swap / recompute):          1 / 2" in lines
+    loaded = json.loads(bench_report.dumps(run))                    # as read back from --json
+    assert bench_report.summary("pagedserve", loaded) == text
+
+
+def test_the_summary_of_a_run_without_server_stats_or_with_many_failures_still_fits():
+    failing = dataclasses.replace(client(), failed=40, failures_by_code={
+        f"SOME_LONG_STATUS_CODE_{i}": 4 for i in range(10)})
+    text = bench_report.summary("a-system-with-a-rather-long-name" * 3, bench_report.run_entry(2.0, failing,
+                                                                                                 None))
+    assert "Server" not in text and "Request rate (req/s):                    2" in text
+    assert max(len(line) for line in text.splitlines()) <= bench_report.SUMMARY_WIDTH

@@ -1,4 +1,5 @@
-"""The load generator: workload validation, seeded requests clipped to the model, and runs on a real stack."""
+"""The load generator: workload validation, seeded requests that fit the model (or are refused), dataset
+requests, and runs on a real stack."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import statistics
 
 import pytest
 from small_stack import running_small_stack
+from tqdm import tqdm
 
 from clients.bench_records import summarize
 from clients.client import AsyncPagedServeClient
+from clients.datasets import DatasetSample
 from clients.loadgen import (
     LoadGenerator,
     LoadRequest,
@@ -22,7 +25,6 @@ from clients.loadgen import (
     sampling_arguments,
     trace_of,
 )
-from clients.progress import Progress
 from clients.request_builder import build_generate_request
 from clients.traces import alpaca_like, sharegpt_like, with_poisson_arrivals
 from pagedserve.errors import InvalidArgumentError
@@ -90,17 +92,49 @@ def test_trace_of_online_has_the_seeded_poisson_arrivals():
     assert [r.arrival_time for r in trace_of(spec)] == [r.arrival_time for r in expected]
 
 
-def test_requests_are_clipped_to_the_model_context():
-    """prompt < max_model_len and prompt + output <= max_model_len; unclipped lengths are kept."""
+def test_synthetic_requests_are_drawn_to_fit_the_model_context_not_clipped():
+    """prompt < max_model_len and prompt + output <= max_model_len, with the trace's own lengths."""
     spec = WorkloadSpec(trace="sharegpt", num_requests=200, seed=1)
-    trace = trace_of(spec)
+    assert any(t.prompt_len + t.output_len > 300 for t in trace_of(spec))         # unlimited, some exceed
     requests = build_load_requests(spec, VOCAB, max_model_len=300)
-    assert any(t.prompt_len >= 300 for t in trace) and any(t.prompt_len + t.output_len > 300 for t in trace)
-    for t, r in zip(trace, requests, strict=True):
-        prompt = len(r.prompt_token_ids)
-        assert 1 <= prompt < 300 and r.output_len >= 1 and prompt + r.output_len <= 300
-        assert prompt == min(t.prompt_len, 299)
-        assert r.output_len == min(t.output_len, 300 - prompt)
+    assert [(len(r.prompt_token_ids), r.output_len) for r in requests] == [
+        (t.prompt_len, t.output_len) for t in trace_of(spec, max_model_len=300)]
+    assert all(len(r.prompt_token_ids) + r.output_len <= 300 for r in requests)
+    assert sum(len(r.prompt_token_ids) + r.output_len == 300 for r in requests) < 5     # no pile at the limit
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"prompt_len": 300, "output_len": 8}, "prompt_len", "a prompt of 300 tokens leaves no room"),
+    ({"prompt_len": 200, "output_len": 101}, "output_len", "at most 100 output tokens fit"),
+    ({"prompt_len": 4, "output_len": 8, "shared_prefix_len": 300}, "shared_prefix_len",
+     "(300 of them the shared prefix)"),
+])
+def test_fixed_lengths_over_the_model_context_are_an_error(changes, field, words):
+    spec = WorkloadSpec(trace="fixed", num_requests=2, **changes)
+    with pytest.raises(InvalidArgumentError) as err:
+        build_load_requests(spec, VOCAB, max_model_len=300)
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_a_shared_prefix_filling_the_context_leaves_no_room_for_a_synthetic_trace():
+    spec = WorkloadSpec(trace="alpaca", num_requests=2, shared_prefix_len=299)
+    with pytest.raises(InvalidArgumentError) as err:
+        build_load_requests(spec, VOCAB, max_model_len=300)
+    assert err.value.field == "shared_prefix_len"
+
+
+def test_dataset_requests_keep_the_dataset_tokens_behind_the_shared_prefix():
+    samples = [DatasetSample((11, 12, 13, 14), 5), DatasetSample((21, 22, 23, 24, 25), 7)]
+    spec = WorkloadSpec(trace="dataset", dataset_path="conversations.json", num_requests=2,
+                        shared_prefix_len=3, request_rate=10.0)
+    requests = build_load_requests(spec, VOCAB, 1024, samples)
+    assert [r.prompt_token_ids[3:] for r in requests] == [(11, 12, 13, 14), (21, 22, 23, 24, 25)]
+    assert requests[0].prompt_token_ids[:3] == requests[1].prompt_token_ids[:3]
+    assert [r.output_len for r in requests] == [5, 7] and requests[1].arrival_time > 0
+    with pytest.raises(InvalidArgumentError):
+        WorkloadSpec(trace="dataset")                        # the dataset trace names its file
+    with pytest.raises(InvalidArgumentError):
+        WorkloadSpec(trace="fixed", dataset_path="conversations.json")
 
 
 def test_requests_keep_trace_lengths_when_they_fit():
@@ -111,8 +145,9 @@ def test_requests_keep_trace_lengths_when_they_fit():
     assert [r.index for r in requests] == list(range(30))
 
 
-def test_a_two_token_context_still_gets_a_one_token_prompt_and_output():
-    requests = build_load_requests(WorkloadSpec(trace="fixed", num_requests=2), VOCAB, max_model_len=2)
+def test_a_two_token_context_takes_a_one_token_prompt_and_output():
+    spec = WorkloadSpec(trace="fixed", num_requests=2, prompt_len=1, output_len=1)
+    requests = build_load_requests(spec, VOCAB, max_model_len=2)
     assert [(len(r.prompt_token_ids), r.output_len) for r in requests] == [(1, 1), (1, 1)]
 
 
@@ -128,14 +163,6 @@ def test_shared_prefix_is_identical_across_requests_and_lengthens_prompts():
     assert len({r.prompt_token_ids[:32] for r in requests}) == 1
     assert len({r.prompt_token_ids[32:40] for r in requests if len(r.prompt_token_ids) >= 40}) > 1
     assert [len(r.prompt_token_ids) for r in requests] == [t.prompt_len + 32 for t in trace_of(spec)]
-
-
-def test_a_shared_prefix_longer_than_the_context_is_clipped_but_still_shared():
-    spec = WorkloadSpec(trace="fixed", num_requests=3, prompt_len=4, output_len=8, shared_prefix_len=100)
-    requests = build_load_requests(spec, VOCAB, max_model_len=64)
-    assert {len(r.prompt_token_ids) for r in requests} == {63}
-    assert len({r.prompt_token_ids for r in requests}) == 1
-    assert {r.output_len for r in requests} == {1}
 
 
 def test_requests_are_reproducible_from_the_seed():
@@ -220,7 +247,7 @@ def model_shape(stack) -> tuple[int, int]:
     return info.vocab_size, info.max_model_len
 
 
-async def generate_all(target: str, requests: list[LoadRequest], progress: Progress | None = None):
+async def generate_all(target: str, requests: list[LoadRequest], progress: tqdm | None = None):
     async with AsyncPagedServeClient(target) as client:
         return await LoadGenerator(client, requests, seed=1, progress=progress).run()
 
@@ -267,7 +294,8 @@ def test_a_refused_request_is_recorded_as_failed_and_the_others_finish(stack, mo
     fine = LoadRequest(0, (5, 6, 7), output_len=3)
     too_long = LoadRequest(1, tuple([5] * (max_model_len + 10)), output_len=3)
     stream = io.StringIO()
-    records, _ = asyncio.run(generate_all(stack.target, [fine, too_long], Progress("t", 2, stream=stream)))
+    bar = tqdm(total=2, desc="t", file=stream)
+    records, _ = asyncio.run(generate_all(stack.target, [fine, too_long], bar))
     assert records[0].ok and records[0].output_tokens == 3
     assert not records[1].ok and records[1].error and records[1].output_tokens == 0
     assert records[1].error_code == "INVALID_ARGUMENT"
@@ -276,7 +304,8 @@ def test_a_refused_request_is_recorded_as_failed_and_the_others_finish(stack, mo
     assert summary.failures_by_code == {"INVALID_ARGUMENT": 1}
     assert [(f.request, f.code) for f in summary.failures] == [(1, "INVALID_ARGUMENT")]
     assert summary.failures[0].message == records[1].error
-    assert stream.getvalue().splitlines()[-1].startswith("t: 2/2") and "1 failed" in stream.getvalue()
+    last = stream.getvalue().split("\r")[-1]
+    assert last.startswith("t: 100%") and "2/2" in last and "1 failed" in last
 
 
 def test_run_workload_opens_its_own_client(stack, model_shape):

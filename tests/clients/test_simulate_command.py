@@ -53,3 +53,20 @@ def test_markdown_table_aligns_numbers_right():
     text = markdown_table(["name", "value"], [["a", 1.5], ["bb", 10]])
     assert text.splitlines()[1] == "|------|------:|"
     assert text.splitlines()[2] == "| a    | 1.500 |"
+
+
+def test_simulate_exits_1_when_requests_fail(capsys):
+    """Prompts larger than the whole KV pool can never run: they fail, and so does the command."""
+    code = pagedserve(["simulate", "--trace", "fixed", "--prompt-len", "100", "--output-len", "10",
+                       "--kv-tokens", "64", "--modes", "paged", "--num-requests", "2"])
+    assert code == 1
+    assert "2 of 2 requests failed under paged" in capsys.readouterr().err
+
+
+def test_lengths_over_the_model_context_are_refused_not_clipped(capsys):
+    code = pagedserve(["simulate", "--trace", "fixed", "--prompt-len", "2000", "--output-len", "100",
+                       "--modes", "paged", "--num-requests", "2"])
+    assert code == 2
+    assert "invalid output_len: 2000 prompt + 100 output tokens do not fit" in capsys.readouterr().err
+
+

@@ -50,3 +50,13 @@ def test_sharing_and_prompt_tokens():
     tokens = prompt_token_ids(7, 100, 1000, seed=1)
     assert len(tokens) == 100 and min(tokens) >= 3 and max(tokens) < 1000
     assert tokens == prompt_token_ids(7, 100, 1000, seed=1) != prompt_token_ids(8, 100, 1000, seed=1)
+
+
+def test_a_context_limit_redraws_pairs_that_do_not_fit_instead_of_clipping_them():
+    trace = sharegpt_like(2000, seed=5, max_total_len=300)
+    assert len(trace) == 2000 and all(r.prompt_len + r.output_len <= 300 for r in trace)
+    totals = [r.prompt_len + r.output_len for r in trace]
+    assert totals.count(300) < 20                # clipping would pile hundreds up at the limit
+    assert sharegpt_like(200, seed=5, max_total_len=4096) == sharegpt_like(200, seed=5)   # all fit
+    with pytest.raises(ValueError, match="at least 2"):
+        alpaca_like(3, max_total_len=1)
