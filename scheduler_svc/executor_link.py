@@ -26,7 +26,12 @@ class ExecutorLink:
         self.rank = rank
         self.call_timeout = call_timeout
         self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]
+                         ("grpc.max_receive_message_length", max_message_bytes),
+                         # A rank that is still starting (or restarting) refuses connections: retry within
+                         # half a second, not gRPC's default backoff of 1 s growing 1.6x per attempt,
+                         # which held up the first token of `serve` by about 3 s.
+                         ("grpc.initial_reconnect_backoff_ms", 100),
+                         ("grpc.max_reconnect_backoff_ms", 500)]
         self._channel: grpc.aio.Channel | None = None
         self._stub: executor_pb2_grpc.ExecutorServiceStub | None = None
         self._stream: grpc.aio.StreamStreamCall | None = None
