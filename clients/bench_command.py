@@ -50,6 +50,7 @@ from clients.server_metrics import ServerStats, scrape
 from clients.stack import LocalStack, stack_specs
 from pagedserve.default_model import default_model_dir
 from pagedserve.errors import InvalidArgumentError
+from pagedserve.logs import REQUESTS_ENV
 from pagedserve.model_source import TOKENIZER_FILES, resolve_model
 from pagedserve.settings import config_file_from_args
 from scheduler_svc.config import ENV_PREFIX, ServingConfig
@@ -213,8 +214,10 @@ def run(args: argparse.Namespace) -> int:
     scheduler, executors = build_configs(args)
     dataset = dataset_source(args, scheduler.serving)
     serving = scheduler.serving
+    # The benchmark measures every request itself: a log line per request would only bury the bar.
+    environment = {REQUESTS_ENV: "false", **os.environ}
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
-                       liveness_timeout=serving.executor_health_timeout_seconds)
+                       liveness_timeout=serving.executor_health_timeout_seconds, base_environment=environment)
     stack.start()
     try:
         address = stack.wait_listening("scheduler", timeout=120.0)

@@ -132,9 +132,9 @@ def run_demo(target: str, prompt: str, max_tokens: int, config: ServingConfig) -
 
 def run(args: argparse.Namespace) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM."""
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format, log_requests=args.log_requests)
     # The services inherit our environment: the same level and format for every line of the stack.
-    os.environ.update(logging_environment(args.log_level, args.log_format))
+    os.environ.update(logging_environment(args.log_level, args.log_format, args.log_requests))
     scheduler, executors = build_configs(args)
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
                        liveness_timeout=scheduler.serving.executor_health_timeout_seconds)

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     add_config_file_argument(parser)
     ExecutorConfig.add_arguments(parser)
-    add_logging_arguments(parser)
+    add_logging_arguments(parser, requests=False)      # an executor sees no requests
     return parser
 
 

@@ -52,7 +52,7 @@ def listen_ports(config: SchedulerServiceConfig) -> list[ListenPort]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pagedserve-scheduler` console script."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format, log_requests=args.log_requests)
     try:
         config = from_command_line(SchedulerServiceConfig, ENV_PREFIX, args, known_environment())
         check_ports(listen_ports(config))

@@ -3,8 +3,10 @@
 `--log-format json` writes one JSON object per line (time, level, logger, message, and `request_id`
 when the line is about one request), which log collectors (Loki, Fluent Bit, Cloud Logging) parse
 without a pattern. Code names the request of a line with `extra={"request_id": ...}`.
-Each flag's default comes from PAGEDSERVE_LOG_LEVEL / PAGEDSERVE_LOG_FORMAT, so that `pagedserve
-serve` passes its own choice on to the services it starts through their environment.
+The scheduler's INFO line per finished request (logger `pagedserve.requests`) can be left out with
+--no-log-requests, as vLLM's --disable-log-requests did. Each flag's default comes from
+PAGEDSERVE_LOG_LEVEL / PAGEDSERVE_LOG_FORMAT / PAGEDSERVE_LOG_REQUESTS, so that `pagedserve serve`
+passes its own choice on to the services it starts through their environment.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
 LEVEL_ENV = "PAGEDSERVE_LOG_LEVEL"
 FORMAT_ENV = "PAGEDSERVE_LOG_FORMAT"
+REQUESTS_ENV = "PAGEDSERVE_LOG_REQUESTS"
+REQUEST_LOGGER = "pagedserve.requests"
+_FALSE = ("0", "false", "no", "off")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -63,9 +68,16 @@ def _choice(values: tuple[str, ...], normalize: Callable[[str], str]) -> Callabl
     return parse
 
 
-def add_logging_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
-    """--log-level and --log-format, defaulting to $PAGEDSERVE_LOG_LEVEL / $PAGEDSERVE_LOG_FORMAT."""
+def add_logging_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None,
+                          requests: bool = True) -> None:
+    """--log-level and --log-format, defaulting to $PAGEDSERVE_LOG_LEVEL / $PAGEDSERVE_LOG_FORMAT, and
+    with `requests` (the scheduler, serve) --[no-]log-requests, defaulting to $PAGEDSERVE_LOG_REQUESTS."""
     env = os.environ if environ is None else environ
+    if requests:
+        parser.add_argument("--log-requests", action=argparse.BooleanOptionalAction,
+                            default=env.get(REQUESTS_ENV, "true").strip().lower() not in _FALSE,
+                            help=f"an INFO line per finished, aborted or refused request (default on; "
+                                 f"${REQUESTS_ENV})")
     parser.add_argument("--log-level", type=_choice(LEVELS, str.upper), default=env.get(LEVEL_ENV, "INFO"),
                         metavar="{" + ",".join(LEVELS) + "}",
                         help=f"least severe log level written (default INFO; ${LEVEL_ENV})")
@@ -74,8 +86,10 @@ def add_logging_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
                         help=f"text lines, or one JSON object per line (default text; ${FORMAT_ENV})")
 
 
-def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
-    """Send every logger's records at `level` and above to `stream` (stderr) in `log_format`."""
+def configure_logging(level: str, log_format: str, stream: TextIO | None = None,
+                      log_requests: bool = True) -> None:
+    """Send every logger's records at `level` and above to `stream` (stderr) in `log_format`; without
+    `log_requests`, the per-request lines only from WARNING up."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
@@ -83,8 +97,9 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger(REQUEST_LOGGER).setLevel(logging.NOTSET if log_requests else logging.WARNING)
 
 
-def logging_environment(level: str, log_format: str) -> dict[str, str]:
-    """The environment that gives a child service the same level and format."""
-    return {LEVEL_ENV: level, FORMAT_ENV: log_format}
+def logging_environment(level: str, log_format: str, log_requests: bool = True) -> dict[str, str]:
+    """The environment that gives a child service the same level, format and request lines."""
+    return {LEVEL_ENV: level, FORMAT_ENV: log_format, REQUESTS_ENV: "true" if log_requests else "false"}

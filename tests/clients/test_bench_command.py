@@ -119,7 +119,9 @@ def test_offline_alpaca_smoke_run_writes_exact_client_and_sane_server_stats(tmp_
     assert 0 <= s["control_plane_fraction"] <= 1
     assert (s["preemptions_swap"], s["preemptions_recompute"]) == (0, 0)
     assert (s["block_size"], s["gpu_kv_blocks"]) == (16, result["model"]["num_gpu_blocks"])
-    summary = capsys.readouterr().out.splitlines()         # the terminal gets the narrow summary
+    captured = capsys.readouterr()
+    assert "pagedserve.requests" not in captured.err        # no log line per request under the bar
+    summary = captured.out.splitlines()                     # the terminal gets the narrow summary
     assert summary[0] == "============ Serving Benchmark Result ============"
     assert "Successful requests:                     6" in summary
     assert any(line.startswith("Engine iterations:") for line in summary)

@@ -75,3 +75,31 @@ def test_configure_logging_writes_every_logger_as_json_lines_at_the_level():
         root.setLevel(level)
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["request_id"] for line in lines] == ["a"]
+
+
+def test_request_lines_are_on_by_default_and_off_with_the_flag_or_the_environment():
+    assert parse([]).log_requests is True
+    assert parse(["--no-log-requests"]).log_requests is False
+    assert parse([], {"PAGEDSERVE_LOG_REQUESTS": "false"}).log_requests is False
+    assert parse(["--log-requests"], {"PAGEDSERVE_LOG_REQUESTS": "0"}).log_requests is True
+    assert logging_environment("INFO", "text", False)["PAGEDSERVE_LOG_REQUESTS"] == "false"
+    executor = argparse.ArgumentParser()
+    add_logging_arguments(executor, {}, requests=False)
+    assert not hasattr(executor.parse_args([]), "log_requests")
+
+
+def test_without_request_lines_the_request_logger_keeps_only_warnings():
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", "text", stream, log_requests=False)
+        logging.getLogger("pagedserve.requests").info("request a finished")
+        logging.getLogger("pagedserve.engine").info("serving m")
+        configure_logging("INFO", "text", stream)
+        logging.getLogger("pagedserve.requests").info("request b finished")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    text = stream.getvalue()
+    assert "request a" not in text and "serving m" in text and "request b" in text
