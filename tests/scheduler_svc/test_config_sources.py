@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from executor_svc.__main__ import main as executor_main
 from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX
 from executor_svc.config import ExecutorConfig
 from pagedserve.settings import (
+    PROCESS_VARIABLES,
     SettingError,
     from_command_line,
     load_config_file,
@@ -163,6 +165,20 @@ def test_an_unknown_variable_warns_with_the_closest_name() -> None:
         "did you mean PAGEDSERVE_MAX_NUM_SEQS?"]
     assert unknown_environment({"PAGEDSERVE_ZZZZZZZZZZZZZZZZZZ": "1"}, known_environment()) == [
         "unknown environment variable PAGEDSERVE_ZZZZZZZZZZZZZZZZZZ is ignored"]
+
+
+def test_every_variable_the_code_reads_is_known() -> None:
+    """A PAGEDSERVE_* name used anywhere in the services, the clients or the deployment files is a config
+    field's variable or listed in PROCESS_VARIABLES, so that setting it draws no unknown-name warning."""
+    repo = Path(__file__).resolve().parents[2]
+    suffixes = (".py", ".yml", ".yaml", ".sh", ".Dockerfile", "")
+    sources = [path for folder in ("protos", "scheduler_svc", "executor_svc", "clients", "docker")
+               for path in (repo / folder).rglob("*")
+               if path.suffix in suffixes and path.is_file() and "_pb2" not in path.name]
+    name = re.compile(r"PAGEDSERVE_[A-Z0-9_]*[A-Z0-9]")
+    used = {found for path in sources for found in name.findall(path.read_text(errors="ignore"))}
+    prefixes = {ENV_PREFIX.rstrip("_"), EXECUTOR_PREFIX.rstrip("_")}
+    assert sorted(used - known_environment() - PROCESS_VARIABLES - prefixes) == []
 
 
 def test_an_unknown_file_key_warns_with_the_closest_key(tmp_path) -> None:
