@@ -305,11 +305,37 @@ std::string rotary_embedding_checked(const at::Tensor& positions,   // [N] int64
   return {};
 }
 
+std::string race_uniform_noise_checked(at::Tensor& out,              // [R, K] float32
+                                       const at::Tensor& ids,        // [R, K] or [1, K] int64
+                                       const at::Tensor& key_lo,     // [R] int64
+                                       const at::Tensor& key_hi) {   // [R] int64
+  constexpr const char* op = "race_uniform_noise";
+  PAGEDSERVE_REQUIRE(out.is_cuda(), op, ": out must be a CUDA tensor, got one on ", out.device());
+  for (const auto& [t, name] : {std::pair{&ids, "ids"}, std::pair{&key_lo, "key_lo"}, std::pair{&key_hi, "key_hi"}}) {
+    PAGEDSERVE_TRY(check_cuda(*t, op, name, out.device(), "out"));
+  }
+  PAGEDSERVE_REQUIRE(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(), op,
+              ": out must be a contiguous float32 [R, K] tensor, got ", out.scalar_type(), " ", out.sizes());
+  const int64_t rows = out.size(0), num_ids = out.size(1);
+  PAGEDSERVE_REQUIRE(rows <= 65535, op, ": at most 65535 rows per launch, got ", rows);
+  PAGEDSERVE_REQUIRE(ids.scalar_type() == at::kLong && ids.dim() == 2 && (ids.size(0) == 1 || ids.size(0) == rows) &&
+                  ids.size(1) == num_ids && ids.stride(1) == 1,
+              op, ": ids must be an int64 [", rows, " or 1, ", num_ids, "] tensor with contiguous rows, got ",
+              ids.scalar_type(), " ", ids.sizes());
+  for (const auto& [t, name] : {std::pair{&key_lo, "key_lo"}, std::pair{&key_hi, "key_hi"}}) {
+    PAGEDSERVE_REQUIRE(t->scalar_type() == at::kLong && t->dim() == 1 && t->size(0) == rows && t->is_contiguous(), op,
+                ": ", name, " must be a contiguous int64 [R=", rows, "] tensor, got ", t->scalar_type(), " ",
+                t->sizes());
+  }
+  race_uniform_noise(out, ids, key_lo, key_hi);
+  return {};
+}
+
 }  // namespace pagedserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "PagedServe CUDA kernels: PagedAttention (decode and prefill), KV cache writes/copies and fused "
-            "layers (RMSNorm, SwiGLU, rotary embedding). Each "
+            "layers (RMSNorm, SwiGLU, rotary embedding), the sampler's race noise. Each "
             "function returns '' when it launched, else the problem with its arguments (nothing launched).";
   m.def("paged_attention", torch::wrap_pybind_function(pagedserve::paged_attention_checked),
         "PagedAttention of T query tokens over their paged context into `out` (decode when query_start_loc is "
@@ -331,4 +357,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", torch::wrap_pybind_function(pagedserve::rotary_embedding_checked),
         "Neox-style rotary embedding of query and key in place", py::arg("positions"), py::arg("query"),
         py::arg("key"), py::arg("cos_sin"), py::arg("rotary_dim"));
+  m.def("race_uniform_noise", torch::wrap_pybind_function(pagedserve::race_uniform_noise_checked),
+        "The sampler's race noise x in (0, 1) of every (row key, token id), into `out`", py::arg("out"),
+        py::arg("ids"), py::arg("key_lo"), py::arg("key_hi"));
 }

@@ -1,7 +1,7 @@
-// The launchers of the PagedServe kernels (defined in paged_attention.cu, cache_kernels.cu and
-// layer_kernels.cu; the argument checks are in bindings.cpp). Shapes: T tokens, S sequences, P block
-// pairs (copy_blocks) or rotary positions (rotary_embedding), N rows, H hidden size, I intermediate size,
-// R rotary dim.
+// The launchers of the PagedServe kernels (defined in paged_attention.cu, cache_kernels.cu,
+// layer_kernels.cu and sampling_kernels.cu; the argument checks are in bindings.cpp). Shapes: T tokens,
+// S sequences, P block pairs (copy_blocks) or rotary positions (rotary_embedding), N rows, H hidden size,
+// I intermediate size, R rotary dim (rotary_embedding) or sampling rows (race_uniform_noise), K token ids.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,5 +42,10 @@ void rotary_embedding(const at::Tensor& positions,   // [N] int64
                       at::Tensor& key,               // [N, num_kv_heads, head_size], rotated in place
                       const at::Tensor& cos_sin,     // [P, R] float32
                       int64_t rotary_dim);
+
+void race_uniform_noise(at::Tensor& out,              // [R, K] float32
+                        const at::Tensor& ids,        // [R, K] or [1, K] int64
+                        const at::Tensor& key_lo,     // [R] int64
+                        const at::Tensor& key_hi);    // [R] int64
 
 }  // namespace pagedserve

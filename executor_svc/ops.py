@@ -6,7 +6,8 @@ first process after a source change pays for the build. Without CUDA, or when th
 `kernels_available()` returns False (the reason is logged once) and callers use the torch reference in
 attention.py.
 
-Shapes: S sequences, T tokens, H query heads, Hkv kv heads, D head size, B block size.
+Shapes: S sequences, T tokens, H query heads, Hkv kv heads, D head size, B block size; R sampling rows,
+K token ids.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pagedserve.settings import parse_bool
 log = logging.getLogger("pagedserve.executor")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "paged_attention.cu", "cache_kernels.cu", "layer_kernels.cu")
+SOURCES = ("bindings.cpp", "paged_attention.cu", "cache_kernels.cu", "layer_kernels.cu",
+           "sampling_kernels.cu")
 EXTRA_CUDA_CFLAGS = ["-O3", "--use_fast_math", "-gencode=arch=compute_90a,code=sm_90a",
                      "-gencode=arch=compute_80,code=sm_80"]
 # What the attention kernel instantiates (csrc/paged_attention.cu): any block size; anything else uses the
@@ -277,3 +279,17 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     cos_sin:   [P, rotary_dim] float32, cos of the rotary_dim / 2 frequencies then sin, per position
     """
     _launch("rotary_embedding", positions, query, key, cos_sin, int(rotary_dim))
+
+
+def race_uniform_noise(ids: torch.Tensor, key_lo: torch.Tensor, key_hi: torch.Tensor) -> torch.Tensor:
+    """The sampler's race noise, bit for bit `sampler.uniform_noise`, in one launch: [R, K] float32.
+
+    ids:    [R, K] or [1, K] int64 token ids in [0, 2**32) (one row is shared by every row)
+    key_lo: [R] int64, the low 32 bits of each row's draw key
+    key_hi: [R] int64, the high 32 bits
+    """
+    ids = ids if ids.stride(-1) == 1 else ids.contiguous()
+    out = torch.empty(key_lo.shape[0], ids.shape[1], dtype=torch.float32, device=key_lo.device)
+    _launch("race_uniform_noise", out, ids, key_lo.contiguous(), key_hi.contiguous())
+    return out
+

@@ -83,6 +83,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from executor_svc import ops
 from executor_svc.transfer import HostCopy, to_device
 
 _MASK32 = 0xFFFFFFFF
@@ -271,14 +272,25 @@ def uniform_noise(keys: Sequence[int] | np.ndarray, token_ids: torch.Tensor) -> 
 
     keys: [R] 64-bit draw keys (ints, or a uint64 array from `draw_keys`).
     token_ids: [R, K] or [1, K] int64 vocab ids (the noise of an id does not depend on where it sits).
-    returns [R, K] float32 on token_ids' device.
+    returns [R, K] float32 on token_ids' device. On a GPU with the kernels this is one launch
+    (`ops.race_uniform_noise`), bit for bit `uniform_noise_reference`.
     """
     device = token_ids.device
     keys = np.asarray(keys, dtype=np.uint64)
-    key_lo = to_device((keys & _MASK32_U64).astype(np.int64), torch.int64, device)[:, None]       # [R, 1]
-    key_hi = to_device((keys >> np.uint64(32)).astype(np.int64), torch.int64, device)[:, None]    # [R, 1]
-    h = _fmix32_(token_ids ^ key_lo)                                                                # [R, K]
-    h ^= key_hi
+    key_lo = to_device((keys & _MASK32_U64).astype(np.int64), torch.int64, device)                # [R]
+    key_hi = to_device((keys >> np.uint64(32)).astype(np.int64), torch.int64, device)             # [R]
+    fits = token_ids.dim() == 2 and len(keys) <= _MAX_NOISE_ROWS
+    if token_ids.is_cuda and fits and ops.kernels_enabled():
+        return ops.race_uniform_noise(token_ids, key_lo, key_hi)
+    return uniform_noise_reference(key_lo, key_hi, token_ids)
+
+
+def uniform_noise_reference(key_lo: torch.Tensor, key_hi: torch.Tensor,
+                            token_ids: torch.Tensor) -> torch.Tensor:
+    """`uniform_noise` in torch ops: key_lo, key_hi [R] int64 (each key's 32-bit halves), token_ids
+    [R or 1, K] int64 -> [R, K] float32 (32-bit words held in int64 tensors)."""
+    h = _fmix32_(token_ids ^ key_lo[:, None])                                                       # [R, K]
+    h ^= key_hi[:, None]
     h = _fmix32_(h)
     # float32 keeps x near 0 exact, which is where E = -log(1 - x) is small and decides low-p tokens.
     # Near 1 it may round x to 1.0: E = inf, that token loses the race (probability < 2**-25).
@@ -638,6 +650,8 @@ def _splitmix64(x: int) -> int:
 
 
 _MASK32_U64 = np.uint64(_MASK32)
+# The noise kernel's grid has one row of blocks per sampling row (CUDA's grid y limit).
+_MAX_NOISE_ROWS = 65535
 _SPLITMIX = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
