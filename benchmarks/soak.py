@@ -43,7 +43,7 @@ from clients.client import AsyncPagedServeClient, PagedServeError
 from clients.request_builder import build_generate_request
 from clients.serve_command import build_configs
 from clients.server_metrics import parse_samples
-from clients.stack import LocalStack, stack_specs
+from clients.stack import RESTART_DELAY_SECONDS, LocalStack, RestartPolicy, stack_specs
 from clients.tables import markdown_table
 
 # Kind -> weight in the mix.
@@ -173,9 +173,13 @@ class Soak:
         self.args = args
         parsed = build_parser().parse_args(["serve", *STACK_FLAGS, *args.stack_flags])
         self.scheduler, executors = build_configs(parsed)
+        # The soak kills the executor on purpose, every --kill-every seconds: each restart is as quick as
+        # the first, and no number of them makes the launcher give up, as it would on a crash loop.
+        every_kill = RestartPolicy(max_delay=RESTART_DELAY_SECONDS, burst=sys.maxsize)
         self.stack = LocalStack(stack_specs(self.scheduler, executors),
                                 liveness_timeout=self.scheduler.serving.executor_health_timeout_seconds,
-                                base_environment=dict(os.environ, PYTHONPATH=_python_path()))
+                                base_environment=dict(os.environ, PYTHONPATH=_python_path()),
+                                restart_policy=every_kill)
         self.kills = 0
 
     def metric(self, sample: str) -> float:

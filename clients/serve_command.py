@@ -19,7 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from clients.stack import LocalStack, free_port, stack_specs
+from clients.stack import (
+    MAX_RESTART_DELAY_SECONDS,
+    RESTART_LIMIT_BURST,
+    RESTART_LIMIT_INTERVAL_SECONDS,
+    LocalStack,
+    RestartPolicy,
+    free_port,
+    stack_specs,
+)
 from executor_svc.config import ENV_PREFIX as EXECUTOR_ENV_PREFIX
 from executor_svc.config import ExecutorConfig
 from pagedserve.errors import InvalidArgumentError
@@ -61,6 +69,14 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
                              "model's heads and MLP (default 1)")
     parser.add_argument("--no-restart-executors", dest="restart_executors", action="store_false",
                         help="leave an executor that died down (by default it is restarted on its port)")
+    parser.add_argument("--restart-limit", type=int, default=RESTART_LIMIT_BURST, metavar="N",
+                        help="restarts of an executor that crashed after serving allowed within "
+                             "--restart-limit-interval before serve gives up and exits 1; each waits "
+                             f"twice as long as the last, up to {MAX_RESTART_DELAY_SECONDS:.0f} s "
+                             f"(default {RESTART_LIMIT_BURST})")
+    parser.add_argument("--restart-limit-interval", type=float, default=RESTART_LIMIT_INTERVAL_SECONDS,
+                        metavar="SECONDS", help="the window --restart-limit counts restarts in "
+                                                f"(default {RESTART_LIMIT_INTERVAL_SECONDS:.0f} s)")
     add_config_file_argument(parser)
     SchedulerServiceConfig.add_arguments(parser)
     ExecutorConfig.add_arguments(parser, exclude=LAUNCHER_EXECUTOR_FIELDS)
@@ -114,6 +130,16 @@ def unknown_settings(config_file: ConfigFile | None, environ: Mapping[str, str] 
     return warnings + unknown_environment(os.environ if environ is None else environ, known_environment())
 
 
+def restart_policy(args: argparse.Namespace) -> RestartPolicy:
+    """The launcher's restart limit from --restart-limit and --restart-limit-interval."""
+    if args.restart_limit < 0:
+        raise InvalidArgumentError("restart_limit", f"must be at least 0, got {args.restart_limit}")
+    if args.restart_limit_interval <= 0:
+        raise InvalidArgumentError("restart_limit_interval",
+                                   f"must be > 0, got {args.restart_limit_interval}")
+    return RestartPolicy(burst=args.restart_limit, interval=args.restart_limit_interval)
+
+
 def run_demo(target: str, prompt: str, max_tokens: int, config: ServingConfig) -> None:
     """Stream one completion of `prompt` through the client library to stdout."""
     from clients.client import PagedServeClient
@@ -137,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.update(logging_environment(args.log_level, args.log_format, args.log_requests))
     scheduler, executors = build_configs(args)
     stack = LocalStack(stack_specs(scheduler, executors), restart_executors=args.restart_executors,
-                       liveness_timeout=scheduler.serving.executor_health_timeout_seconds)
+                       liveness_timeout=scheduler.serving.executor_health_timeout_seconds,
+                       restart_policy=restart_policy(args))
     signal.signal(signal.SIGTERM, _interrupt)        # stop the children on SIGTERM as on Ctrl-C
     try:
         stack.start()

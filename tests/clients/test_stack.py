@@ -143,3 +143,32 @@ def test_a_taken_port_stops_the_stack_before_anything_starts(taken):
     assert str(raised.value).startswith("--port" if taken == "executor" else taken)
     assert f"127.0.0.1:{busy}" in str(raised.value)
     assert not stack.processes                          # nothing was started
+
+
+def test_serve_takes_the_restart_limit_from_its_flags():
+    from clients.serve_command import restart_policy
+    from pagedserve.errors import InvalidArgumentError
+
+    parse = build_parser().parse_args
+    assert restart_policy(parse(["serve"])) == RestartPolicy()
+    assert restart_policy(parse(["serve", "--restart-limit", "2", "--restart-limit-interval", "30"])) == \
+        RestartPolicy(burst=2, interval=30.0)
+    assert restart_policy(parse(["serve", "--restart-limit", "0"])).burst == 0      # never restart
+    with pytest.raises(InvalidArgumentError, match="restart_limit"):
+        restart_policy(parse(["serve", "--restart-limit", "-1"]))
+    with pytest.raises(InvalidArgumentError, match="restart_limit_interval"):
+        restart_policy(parse(["serve", "--restart-limit-interval", "0"]))
+
+
+def test_a_restart_limit_of_zero_gives_up_on_the_first_crash():
+    crashes = executor("print('listening on 127.0.0.1:1', file=sys.stderr, flush=True)\n"
+                       "time.sleep(0.2)\nprint('killed', file=sys.stderr)\nsys.exit(1)")
+    stack = LocalStack([crashes, SCHEDULER], restart_policy=RestartPolicy(burst=0))
+    stack.start()
+    try:
+        wait_for(lambda: stack.failed)
+        assert stack.processes["executor-0"].restarts == 0
+        assert stack.failure == ("executor-0 exited with code 1 after 0 restarts within 300 s; giving up: "
+                                 "killed")
+    finally:
+        stack.stop()
