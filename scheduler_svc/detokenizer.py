@@ -9,6 +9,14 @@ tokens starting a few tokens before the new ones, and emits only what the new to
 window's text, and only once that no longer ends in an incomplete character. The window starts with
 the last few prompt tokens, so that the first output token is decoded as a continuation too.
 
+For a fast tokenizer the windows are decoded by `tokenizers.decoders.DecodeStream` (tokenizers 0.22 or
+later), which runs the same prefix/read offset steps in Rust: about a fifth of the per-token cost of
+decoding the windows from Python (benchmarks/results/detokenizer_cpu.md). Its output is the same, chunk
+for chunk: the detokenizer keeps the window decoding's offsets alongside the stream, decodes the window
+from Python only when the stream holds text back (to stream what comes before an incomplete character
+at once, as the window decoding does), and goes on with the window decoding wherever the stream would
+part from it (a decoder that rewrites text already emitted).
+
 Stop strings are matched in the streamed text; text that may still turn out to be the start of a stop
 string is held back until it is known not to be one.
 """
@@ -17,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
 # How many prompt tokens precede the output in the first decode window: enough for any decoder
@@ -66,7 +75,9 @@ class IncrementalDetokenizer:
     split into tokens. Stop strings are matched only in final text: a stop string containing U+FFFD is
     not matched against the replacement characters `flush()` shows for a trailing incomplete character.
 
-    Each token costs two decodes of a window of a few tokens, independent of the output's length.
+    Each token costs two decodes of a window of a few tokens, independent of the output's length; for
+    a fast tokenizer `DecodeStream` does them in Rust (`decode_stream=False` decodes them from Python
+    anyway, which gives the same texts).
     """
 
     def __init__(
@@ -76,12 +87,15 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        *,
+        decode_stream: bool = True,
     ) -> None:
         if any(not s for s in stop):
             raise ValueError("stop strings must not be empty")
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
-        self._backend_decode = backend_decoder(tokenizer)
+        self._backend = backend_tokenizer(tokenizer)
+        self._backend_decode = None if self._backend is None else self._backend.decode
         self._stops = tuple(dict.fromkeys(stop))
         self._include_stop = include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
@@ -92,13 +106,16 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_token_ids[self._context_start(prompt_token_ids):])
         self._num_context = len(self._ids)
         # The decode window is `_ids[_prefix_offset:]`; `_ids[_prefix_offset:_read_offset]` is its
-        # part whose text was already emitted (or is prompt), `_prefix_text` that text.
+        # part whose text was already emitted (or is prompt), `_prefix_text` that text (None until
+        # needed: with a DecodeStream most windows never need it on this side).
         self._prefix_offset = 0
         self._read_offset = self._num_context
-        self._prefix_text = self._decode(self._ids)
+        self._prefix_text: str | None = self._decode(self._ids)
         # Characters past `_prefix_text` already emitted while the window still ended in an incomplete
         # character (the text before that character cannot change any more).
         self._window_emitted = 0
+        # The Rust stream decoding the same windows, or None to decode them here.
+        self._stream = self._new_stream() if decode_stream else None
 
         self._streamed: list[str] = []  # the texts returned so far
         self._held = ""  # final text held back because it may be the start of a stop string
@@ -123,6 +140,13 @@ class IncrementalDetokenizer:
     def stop_string(self) -> str | None:
         """The stop string that ended the output, if one did."""
         return self._stop_string
+
+    @property
+    def uses_decode_stream(self) -> bool:
+        """Whether the next token goes through `tokenizers.decoders.DecodeStream` (else through window
+        decodes from Python: a slow tokenizer, `decode_stream=False`, or a stream left for a window the
+        stream would have decoded differently)."""
+        return self._stream is not None
 
     def add_tokens(self, token_ids: Sequence[int]) -> DetokenizerUpdate:
         """Append generated tokens; returns the text now safe to stream and whether a stop string matched.
@@ -163,7 +187,7 @@ class IncrementalDetokenizer:
             return ""
         self._finished = True
         window = self._decode(self._ids[self._prefix_offset:])
-        rest = self._held + window[len(self._prefix_text) + self._window_emitted:]
+        rest = self._held + window[len(self._prefix()) + self._window_emitted:]
         self._held = ""
         self._streamed.append(rest)
         return rest
@@ -176,8 +200,45 @@ class IncrementalDetokenizer:
     def _append_token(self, token_id: int) -> str:
         """Append one token; the text it makes final (possibly "")."""
         self._ids.append(token_id)
+        if self._stream is not None:
+            return self._step_stream(token_id)
+        return self._window_piece(self._decode(self._ids[self._prefix_offset:]))
+
+    def _step_stream(self, token_id: int) -> str:
+        """`_append_token` through the DecodeStream, whose offsets are kept equal to this side's."""
+        assert self._stream is not None and self._backend is not None
+        try:
+            chunk = self._stream.step(self._backend, token_id)
+        except Exception:  # tokenizers raises a bare Exception (its InvalidPrefix)
+            # The decoder rewrote text already emitted; the window decoding emits past it regardless.
+            self._stream = None
+            return self._window_piece(self._decode(self._ids[self._prefix_offset:]))
+        if chunk is None:
+            return self._held_piece()
+        # The chunk is all that the window adds to its prefix, including what was emitted before it
+        # while the window ended in an incomplete character.
+        piece = chunk[self._window_emitted:] if self._window_emitted else chunk
+        self._advance()
+        return piece
+
+    def _held_piece(self) -> str:
+        """The text of a token the DecodeStream held back: the window ends in an incomplete character
+        (then the text before it is final) or adds nothing to its prefix.
+
+        The offsets here are always those of the window decoding. The stream's may start later by a
+        few tokens that have no text (while its prefix has none, it moves its read offset past them),
+        which changes neither what a window adds to its prefix nor when it emits."""
         window = self._decode(self._ids[self._prefix_offset:])
-        start = len(self._prefix_text) + self._window_emitted
+        if not window.endswith(_REPLACEMENT) and len(window) > len(self._prefix()):
+            # The stream compares UTF-8 lengths, this side characters: they differ only where the
+            # decoder rewrote the prefix's text. Follow the window decoding from here on.
+            self._stream = None
+        return self._window_piece(window)
+
+    def _window_piece(self, window: str) -> str:
+        """The text the newest token makes final, given the decode of the window that ends with it."""
+        prefix = self._prefix()
+        start = len(prefix) + self._window_emitted
         if window.endswith(_REPLACEMENT):
             # The last character may still be completed (or replaced) by the next token: emit only
             # what comes before the trailing replacement characters, and keep the offsets.
@@ -185,16 +246,42 @@ class IncrementalDetokenizer:
             piece = stable[start:]
             self._window_emitted += len(piece)
             return piece
-        if len(window) <= len(self._prefix_text):
+        if len(window) <= len(prefix):
             # Nothing visible yet (e.g. a skipped special token). Moving the window now could leave it
             # starting at a "▁" token, whose space the decoder would then drop.
             return ""
         piece = window[start:]
+        self._advance()
+        return piece
+
+    def _advance(self) -> None:
+        """Move the window past the text just emitted: its new prefix is the tokens read so far."""
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_text = None
         self._window_emitted = 0
-        return piece
+
+    def _prefix(self) -> str:
+        """The text of `_ids[_prefix_offset:_read_offset]` (decoded on first use)."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        return self._prefix_text
+
+    def _new_stream(self) -> Any | None:
+        """A DecodeStream primed with the prompt context, or None where its steps would differ from the
+        window decoding's: a slow tokenizer, tokenizers older than 0.22 (no `ids=`), or a context whose
+        text ends in an incomplete character (the stream would then stream the context's text too)."""
+        assert self._prefix_text is not None
+        if self._backend is None or self._prefix_text.endswith(_REPLACEMENT):
+            return None
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:                      # tokenizers before 0.21
+            return None
+        try:
+            return DecodeStream(ids=list(self._ids), skip_special_tokens=self._skip_special_tokens)
+        except TypeError:                        # tokenizers 0.21: no prompt prefill
+            return None
 
     def _find_stop(self, pending: str, num_checked: int) -> tuple[int, str] | None:
         """The (start, stop string) of the match ending first in `pending`, among matches that end past
@@ -236,8 +323,8 @@ class IncrementalDetokenizer:
         )
 
 
-def backend_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | None:
-    """The Rust `tokenizers.Tokenizer.decode` behind a fast tokenizer, or None to go through transformers.
+def backend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
+    """The Rust `tokenizers.Tokenizer` behind a fast tokenizer, or None to go through transformers.
 
     For a tokenizer whose `_decode` is transformers' own TokenizersBackend one, `decode(ids,
     skip_special_tokens=s, clean_up_tokenization_spaces=False)` is exactly the backend's `decode(ids,
@@ -253,7 +340,13 @@ def backend_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | 
     stock = getattr(type(tokenizer), "_decode", None) is TokenizersBackend._decode
     if not stock or not hasattr(backend, "decode"):
         return None
-    return backend.decode
+    return backend
+
+
+def backend_decoder(tokenizer: PreTrainedTokenizerBase) -> Callable[..., str] | None:
+    """The `decode` of `backend_tokenizer(tokenizer)`, or None when there is no backend to use."""
+    backend = backend_tokenizer(tokenizer)
+    return None if backend is None else backend.decode
 
 
 def decode_whole(
