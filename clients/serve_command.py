@@ -37,13 +37,14 @@ from pagedserve.settings import (
     ConfigFile,
     add_config_file_argument,
     config_file_from_args,
+    env_names,
     options,
     unknown_environment,
     unknown_file_keys,
     warn,
 )
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_ENV_PREFIX
-from scheduler_svc.config import SchedulerServiceConfig, ServingConfig, known_environment
+from scheduler_svc.config import SchedulerServiceConfig, ServingConfig
 
 # Executor fields the launcher decides itself, or takes from the scheduler's flags of the same name.
 LAUNCHER_EXECUTOR_FIELDS = ("host", "port", "rank", "world_size", "metrics_port", "model", "revision",
@@ -127,7 +128,14 @@ def serve_keys() -> set[str]:
 def unknown_settings(config_file: ConfigFile | None, environ: Mapping[str, str] | None = None) -> list[str]:
     """Warnings for the file's keys that `serve` has no flag for, and for unknown PAGEDSERVE_* variables."""
     warnings = unknown_file_keys(config_file, serve_keys()) if config_file is not None else []
-    return warnings + unknown_environment(os.environ if environ is None else environ, known_environment())
+    return warnings + unknown_environment(os.environ if environ is None else environ, stack_environment())
+
+
+def stack_environment() -> set[str]:
+    """The environment variables of both services' configs: `serve` sees the whole stack's environment
+    and checks every name in it."""
+    return (env_names(SchedulerServiceConfig, SCHEDULER_ENV_PREFIX)
+            | env_names(ExecutorConfig, EXECUTOR_ENV_PREFIX))
 
 
 def restart_policy(args: argparse.Namespace) -> RestartPolicy:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from executor_svc.backend import ExecutorBackend
-from executor_svc.config import ENV_PREFIX, Backend, ExecutorConfig
+from executor_svc.config import ENV_PREFIX, Backend, ExecutorConfig, known_environment
 from executor_svc.server import serve
 from executor_svc.simulated_backend import SimulatedBackend
 from pagedserve.errors import InvalidArgumentError
@@ -27,7 +27,6 @@ from pagedserve.settings import (
     error_line,
     from_command_line,
 )
-from scheduler_svc.config import known_environment
 
 log = logging.getLogger("pagedserve.executor")
 

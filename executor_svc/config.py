@@ -16,9 +16,19 @@ from dataclasses import dataclass
 
 from pagedserve.default_model import default_model_dir
 from pagedserve.errors import InvalidArgumentError
-from pagedserve.settings import BYTES, SECONDS, ConfigFile, add_arguments, resolve, setting
+from pagedserve.settings import (
+    BYTES,
+    EXECUTOR_ENV_PREFIX,
+    SECONDS,
+    ConfigFile,
+    add_arguments,
+    env_names,
+    is_executor_variable,
+    resolve,
+    setting,
+)
 
-ENV_PREFIX = "PAGEDSERVE_EXECUTOR_"
+ENV_PREFIX = EXECUTOR_ENV_PREFIX
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "dummy")
 DISTRIBUTED_BACKENDS = ("auto", "nccl", "gloo")
@@ -142,6 +152,13 @@ class ExecutorConfig:
                      config_file: ConfigFile | None = None) -> ExecutorConfig:
         """Flags win over environment, which wins over the config file, which wins over defaults."""
         return resolve(cls, ENV_PREFIX, args, os.environ if environ is None else environ, config_file)
+
+
+def known_environment(environ: Mapping[str, str] | None = None) -> set[str]:
+    """The environment variables the executor takes as known: its own, and every other PAGEDSERVE_* one in
+    `environ`, which is the scheduler's (or the launcher's) to check."""
+    others = {name for name in (os.environ if environ is None else environ) if not is_executor_variable(name)}
+    return env_names(ExecutorConfig, ENV_PREFIX) | others
 
 
 def _check(condition: bool, name: str, message: str) -> None:

@@ -24,6 +24,7 @@ from pagedserve.settings import (
     add_arguments,
     build,
     env_names,
+    is_executor_variable,
     resolve,
     section,
     setting,
@@ -253,16 +254,12 @@ class SchedulerServiceConfig:
         return resolve(cls, ENV_PREFIX, args, _environ(environ), config_file)
 
 
-def known_environment() -> set[str]:
-    """The environment variables of both services' configs.
-
-    Under `pagedserve serve`, and in compose files, the services see one environment, so a variable of
-    the other service's is known rather than a typo worth a warning.
-    """
-    from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX  # no torch: a leaf module
-    from executor_svc.config import ExecutorConfig
-
-    return env_names(SchedulerServiceConfig, ENV_PREFIX) | env_names(ExecutorConfig, EXECUTOR_PREFIX)
+def known_environment(environ: Mapping[str, str] | None = None) -> set[str]:
+    """The environment variables the scheduler takes as known: its own, and the executor's in `environ`
+    (the executor checks those itself; under `pagedserve serve` and in compose files both services see
+    one environment)."""
+    executor_names = {name for name in _environ(environ) if is_executor_variable(name)}
+    return env_names(SchedulerServiceConfig, ENV_PREFIX) | executor_names
 
 
 def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:

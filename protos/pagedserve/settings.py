@@ -44,6 +44,19 @@ _BYTE_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?b|i)?|(b))?\s*$", 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # PAGEDSERVE_* variables that are not config fields but are read elsewhere (the embedded model's
 # location, the client's token, compose's mount, test switches), so they draw no unknown-name warning.
+# The executor's variables: its prefix, and the kernel switches, which keep their historical names. A
+# service sees the whole stack's environment under `pagedserve serve` and in compose files, so each one
+# checks only its own names and leaves the other's to it (neither service imports the other).
+EXECUTOR_ENV_PREFIX = "PAGEDSERVE_EXECUTOR_"
+EXECUTOR_KERNEL_VARIABLES = frozenset({"PAGEDSERVE_CUDA_KERNELS", "PAGEDSERVE_FUSED_LAYERS",
+                                       "PAGEDSERVE_KERNEL_CACHE"})
+
+
+def is_executor_variable(name: str) -> bool:
+    """Whether a PAGEDSERVE_* environment variable is the executor's to read (and to check)."""
+    return name.startswith(EXECUTOR_ENV_PREFIX) or name in EXECUTOR_KERNEL_VARIABLES
+
+
 PROCESS_VARIABLES = frozenset({
     "PAGEDSERVE_DEFAULT_MODEL", "PAGEDSERVE_TOKEN", "PAGEDSERVE_MODELS_DIR",
     "PAGEDSERVE_REQUIRE_DOCKER_TOOLS", "PAGEDSERVE_REQUIRE_PROMETHEUS", "PAGEDSERVE_FUZZ_SEED",

@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 
 from clients.cli import main as pagedserve_main
-from clients.serve_command import add_stack_arguments, build_configs, unknown_settings
+from clients.serve_command import add_stack_arguments, build_configs, stack_environment, unknown_settings
 from clients.stack import config_environment
 from executor_svc.__main__ import main as executor_main
 from executor_svc.config import ENV_PREFIX as EXECUTOR_PREFIX
 from executor_svc.config import ExecutorConfig
+from executor_svc.config import known_environment as executor_known_environment
 from pagedserve.settings import (
+    EXECUTOR_KERNEL_VARIABLES,
     PROCESS_VARIABLES,
     SettingError,
+    env_names,
     from_command_line,
     load_config_file,
     parse_byte_size,
@@ -157,14 +160,32 @@ def test_byte_size_settings_take_units_from_every_source(tmp_path) -> None:
 def test_an_unknown_variable_warns_with_the_closest_name() -> None:
     warnings = unknown_environment({"PAGEDSERVE_MAX_NUM_SEQ": "8", "PAGEDSERVE_EXECUTOR_DEVISE": "cuda",
                                     "PAGEDSERVE_MAX_NUM_SEQS": "8", "PAGEDSERVE_DEFAULT_MODEL": "/m",
-                                    "PAGEDSERVE_CUDA_KERNELS": "0", "OTHER": "1"}, known_environment())
+                                    "PAGEDSERVE_CUDA_KERNELS": "0", "OTHER": "1"}, stack_environment())
     assert warnings == [
         "unknown environment variable PAGEDSERVE_EXECUTOR_DEVISE is ignored; "
         "did you mean PAGEDSERVE_EXECUTOR_DEVICE?",
         "unknown environment variable PAGEDSERVE_MAX_NUM_SEQ is ignored; "
         "did you mean PAGEDSERVE_MAX_NUM_SEQS?"]
-    assert unknown_environment({"PAGEDSERVE_ZZZZZZZZZZZZZZZZZZ": "1"}, known_environment()) == [
+    assert unknown_environment({"PAGEDSERVE_ZZZZZZZZZZZZZZZZZZ": "1"}, stack_environment()) == [
         "unknown environment variable PAGEDSERVE_ZZZZZZZZZZZZZZZZZZ is ignored"]
+
+
+def test_each_service_checks_its_own_variables_and_leaves_the_others_to_the_other() -> None:
+    """Under `serve` and in compose files both services see one environment; neither imports the other,
+    so each warns only about names in its own part of it."""
+    environ = {"PAGEDSERVE_MAX_NUM_SEQ": "8", "PAGEDSERVE_EXECUTOR_DEVISE": "cuda",
+               "PAGEDSERVE_CUDA_KERNELS": "0", "PAGEDSERVE_MAX_NUM_SEQS": "8",
+               "PAGEDSERVE_EXECUTOR_DEVICE": "cpu"}
+    scheduler = unknown_environment(environ, known_environment(environ))
+    executor = unknown_environment(environ, executor_known_environment(environ))
+    assert scheduler == ["unknown environment variable PAGEDSERVE_MAX_NUM_SEQ is ignored; "
+                         "did you mean PAGEDSERVE_MAX_NUM_SEQS?"]
+    assert executor == ["unknown environment variable PAGEDSERVE_EXECUTOR_DEVISE is ignored; "
+                        "did you mean PAGEDSERVE_EXECUTOR_DEVICE?"]
+    # The executor's variables outside its prefix are exactly the kernel switches the neutral package names.
+    names = env_names(ExecutorConfig, EXECUTOR_PREFIX)
+    outside = {name for name in names if not name.startswith(EXECUTOR_PREFIX)}
+    assert outside == EXECUTOR_KERNEL_VARIABLES
 
 
 def test_every_variable_the_code_reads_is_known() -> None:
@@ -178,7 +199,7 @@ def test_every_variable_the_code_reads_is_known() -> None:
     name = re.compile(r"PAGEDSERVE_[A-Z0-9_]*[A-Z0-9]")
     used = {found for path in sources for found in name.findall(path.read_text(errors="ignore"))}
     prefixes = {ENV_PREFIX.rstrip("_"), EXECUTOR_PREFIX.rstrip("_")}
-    assert sorted(used - known_environment() - PROCESS_VARIABLES - prefixes) == []
+    assert sorted(used - stack_environment() - PROCESS_VARIABLES - prefixes) == []
 
 
 def test_an_unknown_file_key_warns_with_the_closest_key(tmp_path) -> None:
