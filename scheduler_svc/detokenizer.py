@@ -24,8 +24,7 @@ string is held back until it is known not to be one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -41,9 +40,9 @@ _REPLACEMENT = "\ufffd"
 _MAX_CONTINUATION_BYTES = 3
 
 
-@dataclass(frozen=True, slots=True)
-class DetokenizerUpdate:
-    """What one `IncrementalDetokenizer.add_tokens` call produced.
+class DetokenizerUpdate(NamedTuple):
+    """What one `IncrementalDetokenizer.add_tokens` call produced (a named tuple: one is made per
+    streamed token, and a frozen dataclass costs three times as much to make).
 
     `text` is the new text that is safe to stream now. When a stop string matched, `stop_string`
     names it and `stop_token_index` is the index, within the call's token ids, of the token whose text
@@ -157,13 +156,18 @@ class IncrementalDetokenizer:
         if self._finished:
             reason = f"stop string {self._stop_string!r} matched" if self._stop_string else "flush() called"
             raise RuntimeError(f"add_tokens after the output ended: {reason}")
+        if not self._stops:
+            # One token per call is the common case (a streamed step): no list to build and join.
+            if len(token_ids) == 1:
+                text = self._append_token(token_ids[0])
+            else:
+                text = "".join([self._append_token(token_id) for token_id in token_ids])
+            self._streamed.append(text)
+            return DetokenizerUpdate(text)
         out: list[str] = []
         for index, token_id in enumerate(token_ids):
             piece = self._append_token(token_id)
             if not piece:
-                continue
-            if not self._stops:
-                out.append(piece)
                 continue
             pending = self._held + piece
             match = self._find_stop(pending, len(self._held))
@@ -200,15 +204,11 @@ class IncrementalDetokenizer:
     def _append_token(self, token_id: int) -> str:
         """Append one token; the text it makes final (possibly "")."""
         self._ids.append(token_id)
-        if self._stream is not None:
-            return self._step_stream(token_id)
-        return self._window_piece(self._decode(self._ids[self._prefix_offset:]))
-
-    def _step_stream(self, token_id: int) -> str:
-        """`_append_token` through the DecodeStream, whose offsets are kept equal to this side's."""
-        assert self._stream is not None and self._backend is not None
+        stream = self._stream
+        if stream is None:
+            return self._window_piece(self._decode(self._ids[self._prefix_offset:]))
         try:
-            chunk = self._stream.step(self._backend, token_id)
+            chunk = stream.step(self._backend, token_id)
         except Exception:  # tokenizers raises a bare Exception (its InvalidPrefix)
             # The decoder rewrote text already emitted; the window decoding emits past it regardless.
             self._stream = None
@@ -217,9 +217,10 @@ class IncrementalDetokenizer:
             return self._held_piece()
         # The chunk is all that the window adds to its prefix, including what was emitted before it
         # while the window ended in an incomplete character.
-        piece = chunk[self._window_emitted:] if self._window_emitted else chunk
+        if self._window_emitted:
+            chunk = chunk[self._window_emitted:]
         self._advance()
-        return piece
+        return chunk
 
     def _held_piece(self) -> str:
         """The text of a token the DecodeStream held back: the window ends in an incomplete character
