@@ -74,9 +74,10 @@ class IncrementalDetokenizer:
     split into tokens. Stop strings are matched only in final text: a stop string containing U+FFFD is
     not matched against the replacement characters `flush()` shows for a trailing incomplete character.
 
-    Each token costs two decodes of a window of a few tokens, independent of the output's length; for
-    a fast tokenizer `DecodeStream` does them in Rust (`decode_stream=False` decodes them from Python
-    anyway, which gives the same texts).
+    Each token costs two decodes of a window of a few tokens, independent of the output's length. For
+    a fast tokenizer `DecodeStream` does them in Rust, and a token it holds back (its window ends inside
+    a character) is decoded from Python as well; `decode_stream=False` decodes every window from
+    Python, which streams the same texts in the same chunks.
     """
 
     def __init__(
