@@ -155,9 +155,15 @@ def test_metaspace_output_without_a_prompt_decodes_like_decode(metaspace):
     assert streamed_text(metaspace, [], output) == decode(metaspace, output) == "world peace"
 
 
+# Both ways of decoding the windows (tokenizers' DecodeStream, the default for these fast tokenizers, and
+# decodes from Python) must give transformers' text.
+BOTH_PATHS = pytest.mark.parametrize("decode_stream", [True, False], ids=["decode_stream", "window"])
+
+
+@BOTH_PATHS
 @given(data=st.data())
 @PROPERTY_SETTINGS
-def test_random_byte_level_ids_stream_to_whole_decode(byte_level, data):
+def test_random_byte_level_ids_stream_to_whole_decode(byte_level, decode_stream, data):
     vocab = st.integers(0, len(byte_level) - 1)
     prompt = data.draw(st.lists(vocab, max_size=8), label="prompt")
     # The guarantee is for prompts whose text does not end inside a character.
@@ -166,14 +172,16 @@ def test_random_byte_level_ids_stream_to_whole_decode(byte_level, data):
     output = data.draw(st.lists(vocab, max_size=40), label="output")
     chunks = data.draw(st.lists(st.integers(1, 5), max_size=40), label="chunks")
     skip = data.draw(st.booleans(), label="skip")
-    got = streamed_text(byte_level, prompt, output, chunks, skip_special_tokens=skip)
+    got = streamed_text(byte_level, prompt, output, chunks, skip_special_tokens=skip,
+                        decode_stream=decode_stream)
     assert got == expected_text(byte_level, prompt, output, skip)
     assert got == decode(byte_level, output, skip)
 
 
+@BOTH_PATHS
 @given(data=st.data())
 @PROPERTY_SETTINGS
-def test_random_metaspace_ids_stream_to_whole_decode(metaspace, data):
+def test_random_metaspace_ids_stream_to_whole_decode(metaspace, decode_stream, data):
     # ByteFallback replaces a whole invalid run of byte tokens retroactively (documented caveat), so
     # byte tokens are drawn as the complete UTF-8 encodings of characters.
     byte_pieces = {f"<0x{b:02X}>" for b in range(256)}
@@ -191,7 +199,8 @@ def test_random_metaspace_ids_stream_to_whole_decode(metaspace, data):
     output = list(chain.from_iterable(data.draw(st.lists(unit, max_size=30), label="output")))
     chunks = data.draw(st.lists(st.integers(1, 5), max_size=40), label="chunks")
     skip = data.draw(st.booleans(), label="skip")
-    got = streamed_text(metaspace, prompt, output, chunks, skip_special_tokens=skip)
+    got = streamed_text(metaspace, prompt, output, chunks, skip_special_tokens=skip,
+                        decode_stream=decode_stream)
     assert got == expected_text(metaspace, prompt, output, skip)
 
 
@@ -391,9 +400,10 @@ def test_empty_stop_string_is_rejected(tokenizer):
 STOP_ALPHABET = "ab üé中🎉\n"
 
 
+@BOTH_PATHS
 @given(data=st.data())
 @PROPERTY_SETTINGS
-def test_random_text_with_stop_strings_matches_a_character_scan(tokenizer, data):
+def test_random_text_with_stop_strings_matches_a_character_scan(tokenizer, decode_stream, data):
     tok = tokenizer
     text = data.draw(st.text(STOP_ALPHABET, max_size=30), label="text")
     stops = data.draw(st.lists(st.text(STOP_ALPHABET, min_size=1, max_size=4), max_size=3), label="stops")
@@ -402,7 +412,8 @@ def test_random_text_with_stop_strings_matches_a_character_scan(tokenizer, data)
     output = content_ids(tok, text)
     text = decode(tok, output)  # the output's text (no prompt: no leading-space question)
     want, want_stop = reference_stop(text, stops, include)
-    result = stream(tok, [], output, chunks, stop=stops, include_stop_str_in_output=include)
+    result = stream(tok, [], output, chunks, stop=stops, include_stop_str_in_output=include,
+                    decode_stream=decode_stream)
     assert result.text == want
     assert decode_whole(tok, [], output, stop=stops, include_stop_str_in_output=include) == (want, want_stop)
     completing = None
