@@ -101,6 +101,7 @@ class IncrementalDetokenizer:
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
         # Every proper prefix of a stop string: the text that must be held back when it ends the output.
         self._stop_prefixes = frozenset(s[:k] for s in self._stops for k in range(1, len(s)))
+        self._stop_prefix_tuple = tuple(self._stop_prefixes)  # for one `str.endswith` over them all
 
         # Context (the prompt's last tokens) followed by the output's tokens.
         self._ids: list[int] = list(prompt_token_ids[self._context_start(prompt_token_ids):])
@@ -299,6 +300,8 @@ class IncrementalDetokenizer:
 
     def _hold_back_len(self, pending: str) -> int:
         """The length of the longest suffix of `pending` that is a proper prefix of a stop string."""
+        if not pending.endswith(self._stop_prefix_tuple):
+            return 0  # most text ends in no stop string's prefix: one call instead of a slice per length
         for length in range(min(len(pending), self._max_stop_len - 1), 0, -1):
             if pending[-length:] in self._stop_prefixes:
                 return length
