@@ -1,10 +1,11 @@
-"""The README's configuration tables, generated from the config dataclasses' field descriptions.
+"""The configuration tables of docs/configuration.md, generated from the config dataclasses' field
+descriptions.
 
     python -m clients.config_docs            # print the tables
-    python -m clients.config_docs --write    # replace them in README.md
-    python -m clients.config_docs --check    # exit 1 when README.md differs from the generated tables
+    python -m clients.config_docs --write    # replace them in docs/configuration.md
+    python -m clients.config_docs --check    # exit 1 when docs/configuration.md differs from the tables
 
-Each table sits between `<!-- config-table:NAME -->` and `<!-- /config-table -->` in README.md; the
+Each table sits between `<!-- config-table:NAME -->` and `<!-- /config-table -->` in the page; the
 flag, environment variable, default and description of every row come from the field's `setting()`,
 as `--help` does, so the two cannot drift apart.
 """
@@ -23,7 +24,7 @@ from pagedserve.settings import Option, options
 from scheduler_svc.config import ENV_PREFIX as SCHEDULER_PREFIX
 from scheduler_svc.config import SchedulerServiceConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 TABLES = {"scheduler": (SchedulerServiceConfig, SCHEDULER_PREFIX),
           "executor": (ExecutorConfig, EXECUTOR_PREFIX)}
 _BLOCK = re.compile(r"(<!-- config-table:(\w+) -->\n)(.*?)(<!-- /config-table -->)", re.DOTALL)
@@ -48,29 +49,30 @@ def table(name: str) -> str:
     return "\n".join(lines + [row(option) for option in options(cls, prefix)]) + "\n"
 
 
-def render(readme: str) -> str:
-    """`readme` with every marked table replaced by the generated one."""
+def render(page: str) -> str:
+    """`page` with every marked table replaced by the generated one."""
     def replace(match: re.Match[str]) -> str:
         return match.group(1) + table(match.group(2)) + match.group(4)
 
-    return _BLOCK.sub(replace, readme)
+    return _BLOCK.sub(replace, page)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print, write or check the README's configuration tables."""
+    """Print, write or check the configuration tables of docs/configuration.md."""
     parser = argparse.ArgumentParser(prog="python -m clients.config_docs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--write", action="store_true", help="replace the tables in README.md")
-    action.add_argument("--check", action="store_true", help="exit 1 when README.md's tables are stale")
+    action.add_argument("--write", action="store_true", help="replace the tables in docs/configuration.md")
+    action.add_argument("--check", action="store_true",
+                        help="exit 1 when docs/configuration.md's tables are stale")
     args = parser.parse_args(argv)
-    current = README.read_text()
+    current = CONFIG_DOC.read_text()
     generated = render(current)
     if args.write:
-        README.write_text(generated)
+        CONFIG_DOC.write_text(generated)
     elif args.check:
         if generated != current:
-            print("README.md's configuration tables are stale: run python -m clients.config_docs --write",
+            print("docs/configuration.md's tables are stale: run python -m clients.config_docs --write",
                   file=sys.stderr)
             return 1
     else:

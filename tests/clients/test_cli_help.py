@@ -1,6 +1,6 @@
 """Every flag of every command documents itself: a description, its choices, its default in human units
-and, for a config field, its environment variable; every command prints its version; the README's
-configuration tables are the generated ones."""
+and, for a config field, its environment variable; every command prints its version; the
+configuration tables of docs/configuration.md are the generated ones."""
 
 from __future__ import annotations
 
@@ -126,10 +126,10 @@ def test_every_command_prints_its_version(entry, argv, prog, capsys) -> None:
     assert capsys.readouterr().out.strip() == f"{prog} {metadata.version('pagedserve')}"
 
 
-def test_readme_configuration_tables_are_the_generated_ones() -> None:
-    readme = config_docs.README.read_text()
-    assert "<!-- config-table:scheduler -->" in readme and "<!-- config-table:executor -->" in readme
-    assert config_docs.render(readme) == readme, "run python -m clients.config_docs --write"
+def test_the_configuration_page_tables_are_the_generated_ones() -> None:
+    page = config_docs.CONFIG_DOC.read_text()
+    assert "<!-- config-table:scheduler -->" in page and "<!-- config-table:executor -->" in page
+    assert config_docs.render(page) == page, "run python -m clients.config_docs --write"
 
 
 def test_the_tables_list_every_field_once() -> None:
@@ -141,11 +141,11 @@ def test_the_tables_list_every_field_once() -> None:
 
 
 def test_the_docs_check_fails_on_a_stale_table(tmp_path, monkeypatch, capsys) -> None:
-    stale = config_docs.README.read_text().replace("| 4 GiB |", "| 4294967296 |", 1)
-    readme = tmp_path / "README.md"
-    readme.write_text(stale)
-    monkeypatch.setattr(config_docs, "README", readme)
+    stale = config_docs.CONFIG_DOC.read_text().replace("| 4 GiB |", "| 4294967296 |", 1)
+    page = tmp_path / "configuration.md"
+    page.write_text(stale)
+    monkeypatch.setattr(config_docs, "CONFIG_DOC", page)
     assert config_docs.main(["--check"]) == 1
     assert config_docs.main(["--write"]) == 0
     assert config_docs.main(["--check"]) == 0
-    assert "| 4 GiB |" in readme.read_text()
+    assert "| 4 GiB |" in page.read_text()
