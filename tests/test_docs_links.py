@@ -67,3 +67,20 @@ def test_the_link_parser_finds_links_outside_code() -> None:
     assert "docs/architecture.md" in links(page)
     assert slug("Restarts and start-up failures (`pagedserve serve`)") == (
         "restarts-and-start-up-failures-pagedserve-serve")
+
+
+_CODE_REF = re.compile(r"`([\w/]+\.py):(\w+)(?:\.(\w+))?`")
+
+
+def test_every_file_function_reference_names_a_definition() -> None:
+    """`path.py:name` and `path.py:Class.method` in docs/architecture.md name what that file defines."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    refs = _CODE_REF.findall(text)
+    assert len(refs) > 20
+    missing = []
+    for path, name, attr in refs:
+        source = (REPO / path).read_text() if (REPO / path).exists() else ""
+        for defined in filter(None, (name, attr)):
+            if not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{defined}\b", source, re.MULTILINE):
+                missing.append(f"{path}:{defined}")
+    assert not missing, f"names docs/architecture.md gives that their files do not define: {missing}"
