@@ -1,9 +1,10 @@
 """The executor's one frozen configuration; flags and PAGEDSERVE_EXECUTOR_* environment map onto it.
 
 Every field is described once by its `setting()` (pagedserve.settings): its flag, its environment
-variable, its config-file key and its README row come from there. The CUDA kernel switches keep the
-environment variables they have always had (PAGEDSERVE_CUDA_KERNELS, PAGEDSERVE_FUSED_LAYERS,
-PAGEDSERVE_KERNEL_CACHE); they are read once at start and passed to the model code.
+variable, its config-file key and its row in docs/configuration.md come from there. The CUDA kernel
+switches keep the environment variables they have always had (PAGEDSERVE_CUDA_KERNELS,
+PAGEDSERVE_FUSED_LAYERS, PAGEDSERVE_KERNEL_CACHE); they are read once at start and passed to the model
+code.
 """
 
 from __future__ import annotations

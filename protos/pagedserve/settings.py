@@ -3,7 +3,7 @@
 A field declared with `setting(default, help, ...)` carries its one-line description, its unit (bytes
 or seconds, for parsing and for showing the default in human units), its choices and its environment
 variable. From that one description come the command-line flag and its --help line, the environment
-variable, the config-file key and the README's configuration tables. A field declared with
+variable, the config-file key and the tables of docs/configuration.md. A field declared with
 `section(cls, title)` composes another config dataclass; its fields keep flat names (`--port`,
 `PAGEDSERVE_PORT`), grouped under the title in --help.
 
@@ -204,7 +204,7 @@ def format_bytes(value: int) -> str:
 
 
 def format_value(value: Any, unit: str = "") -> str:
-    """A value as --help, the README and error messages show it."""
+    """A value as --help, the configuration docs and error messages show it."""
     if value is None or value == "":
         return "none"
     if isinstance(value, enum.Enum):
