@@ -29,6 +29,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from pagedserve.contract.plan import Sample
+from scheduler_svc.outputs import TokenLogprobs
 from scheduler_svc.sampling_params import EarlyStopping
 from scheduler_svc.sequence import BeamHypothesis, FinishReason, Sequence, SequenceGroup
 
@@ -38,7 +39,8 @@ _ENDED_BY_TOKEN = (FinishReason.EOS, FinishReason.STOP)
 
 def beam_score(cumulative_logprob: float, length: int, length_penalty: float) -> float:
     """Length-penalised score: cumulative logprob / length ** length_penalty (length >= 1)."""
-    return cumulative_logprob / (max(length, 1) ** length_penalty)
+    penalty: float = max(length, 1) ** length_penalty  # int ** float is typed Any (it may be complex)
+    return cumulative_logprob / penalty
 
 
 def scored_length(num_output_tokens: int, finish_reason: FinishReason) -> int:
@@ -123,7 +125,7 @@ def _ending(group: SequenceGroup, c: _Candidate) -> FinishReason | None:
     return None
 
 
-def _hypothesis(c: _Candidate, reason: FinishReason, entry: tuple | None,
+def _hypothesis(c: _Candidate, reason: FinishReason, entry: TokenLogprobs | None,
                 length_penalty: float) -> BeamHypothesis:
     logprobs = list(c.seq.output_logprobs)
     if entry is not None:

@@ -132,7 +132,8 @@ class BlockManager:
                                                      seq.num_tokens - cached_tokens)
             seq.num_computed_tokens = cached_tokens
             seq.num_cached_blocks = len(hits)
-            seq.prefix_content_id = self.prefix_cache.content_id(hits[-1]) if hits else ROOT
+            seq.prefix_content_id = (self.prefix_cache.content_id(hits[-1])
+                                     if hits and self.prefix_cache is not None else ROOT)
         if self.prefix_cache is not None:
             first = seqs[0]
             self.prefix_cache.record_lookup(first.prompt_len, first.num_computed_tokens)
@@ -355,7 +356,7 @@ class BlockManager:
 
     def check_integrity(self, live_groups: Iterable[SequenceGroup]) -> None:
         """Assert exact block accounting against every live group's tables (raises AssertionError)."""
-        refs = {"gpu": Counter(), "cpu": Counter()}
+        refs: dict[str, Counter[int]] = {"gpu": Counter(), "cpu": Counter()}
         for group in live_groups:
             device = self._allocator_of(group.status).device
             for seq in group.seqs:

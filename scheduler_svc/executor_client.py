@@ -35,7 +35,9 @@ class ExecutorClient:
 
     def describe(self) -> pb.DescribeResponse:
         """The model shard the executor serves."""
-        return self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout)
+        # The generated *_pb2_grpc stubs are untyped: their calls return Any.
+        response: pb.DescribeResponse = self._stub.Describe(pb.DescribeRequest(), timeout=self.timeout)
+        return response
 
     def init_cache(self, block_size: int, gpu_memory_utilization: float, swap_space_bytes: int,
                    max_num_batched_tokens: int = 0) -> pb.InitCacheResponse:
@@ -43,7 +45,8 @@ class ExecutorClient:
         request = pb.InitCacheRequest(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                                       swap_space_bytes=swap_space_bytes,
                                       max_num_batched_tokens=max_num_batched_tokens)
-        return self._stub.InitCache(request, timeout=self.timeout)
+        response: pb.InitCacheResponse = self._stub.InitCache(request, timeout=self.timeout)
+        return response
 
     def step(self, plan: StepPlan) -> StepResult:
         """Send one plan on the Execute stream (opened on first use) and return its result.

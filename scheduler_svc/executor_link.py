@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,7 +35,7 @@ class ExecutorLink:
                          ("grpc.max_reconnect_backoff_ms", 500)]
         self._channel: grpc.aio.Channel | None = None
         self._stub: executor_pb2_grpc.ExecutorServiceStub | None = None
-        self._stream: grpc.aio.StreamStreamCall | None = None
+        self._stream: grpc.aio.StreamStreamCall[pb.StepPlan, pb.StepResult] | None = None
 
     def _connect(self) -> executor_pb2_grpc.ExecutorServiceStub:
         if self._stub is None:
@@ -48,18 +49,24 @@ class ExecutorLink:
         assert self._channel is not None
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)  # type: ignore[attr-defined]
         except grpc.RpcError:
             return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        status: int = reply.status
+        return status == health_pb2.HealthCheckResponse.SERVING
 
     async def describe(self) -> pb.DescribeResponse:
         """The model shard the rank serves."""
-        return await self._connect().Describe(pb.DescribeRequest(), timeout=self.call_timeout)
+        # The generated *_pb2_grpc stubs are untyped: their calls return Any.
+        response: pb.DescribeResponse = await self._connect().Describe(pb.DescribeRequest(),
+                                                                       timeout=self.call_timeout)
+        return response
 
     async def init_cache(self, request: pb.InitCacheRequest) -> pb.InitCacheResponse:
         """Have the rank profile a step and allocate its KV cache; returns its block counts."""
-        return await self._connect().InitCache(request, timeout=self.call_timeout)
+        response: pb.InitCacheResponse = await self._connect().InitCache(request, timeout=self.call_timeout)
+        return response
 
     def open_stream(self) -> None:
         """Start a new Execute stream; the rank begins it holding no sequences."""
@@ -82,7 +89,7 @@ class ExecutorLink:
         result = await self._stream.read()
         if result is grpc.aio.EOF:
             raise StreamEndedError(f"executor rank {self.rank} at {self.address} closed its Execute stream")
-        return result
+        return cast(pb.StepResult, result)  # read() is typed as EOF or any object
 
     def close_stream(self) -> None:
         """Cancel the Execute stream, if one is open."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -46,7 +46,7 @@ class TokenizerThread:
         self._pool.shutdown(wait=False)
 
 
-async def follow(engine: Engine, stream: RequestStream) -> AsyncIterator[StreamUpdate]:
+async def follow(engine: Engine, stream: RequestStream) -> AsyncGenerator[StreamUpdate, None]:
     """The request's updates up to its last one; a reader that leaves early aborts the request.
 
     Leaving covers every way out: the reader stops iterating and closes this generator, or it is

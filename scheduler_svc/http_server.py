@@ -73,7 +73,8 @@ class HttpServer:
         """Stop taking connections; open ones get `grace` seconds to finish."""
         if self._task is None:
             return
-        self._server.config.timeout_graceful_shutdown = max(grace, 0.1)
+        # uvicorn annotates it int | None; it is a timeout in seconds and takes a float.
+        self._server.config.timeout_graceful_shutdown = max(grace, 0.1)  # type: ignore[assignment]
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

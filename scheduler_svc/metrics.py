@@ -15,7 +15,7 @@ from scheduler_svc.sequence import FinishReason
 from scheduler_svc.stats import SchedulerStats
 
 # No `_created` series: no dashboard reads them, and each counter and histogram would add one per label set.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 # Bucket upper bounds in seconds. Dense where serving latencies usually sit, sparse in the tails, and
 # no more than ~20 per histogram: every bucket is a time series per label set.

@@ -203,7 +203,7 @@ class RequestStream:
         if out.token_ids:
             update = detok.add_tokens(out.token_ids)
             choice.text = update.text
-            if update.stop_string is not None:
+            if update.stop_string is not None and update.stop_token_index is not None:  # set together
                 kept = update.stop_token_index + 1
                 choice.token_ids = choice.token_ids[:kept]
                 choice.logprobs = choice.logprobs[:kept]

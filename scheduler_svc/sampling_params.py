@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pagedserve.errors import InvalidArgumentError
 
@@ -92,14 +92,15 @@ def sampling_params_from_fields(values: Mapping[str, object]) -> SamplingParams:
     defaults temperature to 0 (it is greedy, and refuses any other temperature). `stop` and
     `stop_token_ids` take any iterable. Raises InvalidArgumentError naming the first bad field.
     """
-    fields = dict(values)
+    # Any: each field's type is checked by SamplingParams' own validation, which names the bad field.
+    fields: dict[str, Any] = dict(values)
     if "temperature" not in fields and fields.get("beam_width"):
         fields["temperature"] = 0.0
     if "stop" in fields:
-        fields["stop"] = tuple(fields["stop"])  # type: ignore[arg-type]
+        fields["stop"] = tuple(fields["stop"])
     if "stop_token_ids" in fields:
-        fields["stop_token_ids"] = frozenset(fields["stop_token_ids"])  # type: ignore[arg-type]
-    return SamplingParams(**fields)  # type: ignore[arg-type]
+        fields["stop_token_ids"] = frozenset(fields["stop_token_ids"])
+    return SamplingParams(**fields)
 
 
 def _require(condition: bool, name: str, message: str) -> None:

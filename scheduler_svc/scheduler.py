@@ -29,7 +29,7 @@ from pagedserve.contract.plan import (
     StepResult,
 )
 from pagedserve.errors import InvalidArgumentError, PlanResultMismatchError, RequestErrorKind
-from scheduler_svc.beam_search import select_beams
+from scheduler_svc.beam_search import BeamContinuation, select_beams
 from scheduler_svc.block_manager import AllocStatus, BlockManager
 from scheduler_svc.config import PreemptionPolicy, SchedulerConfig
 from scheduler_svc.outputs import CompletionOutput, RequestOutput
@@ -230,14 +230,10 @@ class Scheduler:
             advancing = bm.advancing_seqs(group)
             while not bm.can_append_slots(advancing):
                 preempted = True
-                if queue:
-                    self._preempt(queue.pop(), plan)
-                else:
+                if not queue:          # none left behind it to preempt: the group itself goes
                     self._preempt(group, plan)
-                    group = None
-                    break
-            if group is None:
-                break
+                    return preempted
+                self._preempt(queue.pop(), plan)
             self._take_pending_copies(group, plan)
             bm.append_slots(advancing, plan.copy)
             kept.append(group)
@@ -526,7 +522,7 @@ class Scheduler:
         if group.params.use_beam_search:
             self._apply_beam_step(group, items)
             return
-        report = []
+        report: list[CompletionOutput] = []
         if group.needs_fork:
             seq, samples = items[0]
             group.needs_fork = False
@@ -567,7 +563,7 @@ class Scheduler:
                 self._finish_seq(seq, FinishReason.LENGTH, None)
             self._complete_group(group, [])
             return
-        picks: dict[Sequence, list] = {}
+        picks: dict[Sequence, list[BeamContinuation]] = {}
         for c in step.continuing:
             picks.setdefault(c.parent, []).append(c)
         for seq in group.unfinished_seqs():

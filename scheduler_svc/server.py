@@ -70,14 +70,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _parse(self, request: pb.GenerateRequest) -> Awaitable[ParsedRequest]:
         return self._tokenizer_thread.run(parse_request, request, self._tokenizer_thread.encode_function())
 
-    async def _reject(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+    async def _reject(self, context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str,
                       request_id: str) -> None:
         log_request_refused(request_id, code, message)
         self._engine.metrics.record_request_rejected(code.name)
         await context.abort(code, message)
 
     async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+                       context: grpc.aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
+                       ) -> AsyncIterator[pb.GenerateResponse]:
         """Queue the request and stream its updates; a cancelled call aborts the request."""
         size = request.ByteSize()
         if size > self._config.max_request_bytes:
@@ -101,12 +102,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     await context.abort(_ERROR_CODES[kind], message)
                 yield response_to_proto(stream.request_id, update)
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+    async def Abort(self, request: pb.AbortRequest,
+                    context: grpc.aio.ServicerContext[pb.AbortRequest, pb.AbortResponse]) -> pb.AbortResponse:
         """Abort a live request by id."""
         return pb.AbortResponse(found=self._engine.abort(request.request_id))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
-                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+                           context: grpc.aio.ServicerContext[pb.GetModelInfoRequest, pb.ModelInfo],
+                           ) -> pb.ModelInfo:
         """The served model and its KV capacity (UNAVAILABLE until the executors answered)."""
         info = self._engine.info
         if info is None:
@@ -150,7 +153,7 @@ def log_request_refused(request_id: str, code: grpc.StatusCode, message: str) ->
 
 def _denying_handler(handler: Any) -> Any:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         message = ("authorization: send metadata 'authorization: Bearer <token>' with the server's "
                    "access token")
         log_request_refused(getattr(request, "request_id", ""), grpc.StatusCode.UNAUTHENTICATED, message)

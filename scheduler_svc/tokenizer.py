@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -61,7 +61,9 @@ def _load_fast(path: Path) -> PreTrainedTokenizerBase:
     from transformers import PreTrainedTokenizerFast
 
     try:
-        return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        tokenizer: PreTrainedTokenizerFast = PreTrainedTokenizerFast.from_pretrained(str(path),
+                                                                                    local_files_only=True)
+        return tokenizer
     except Exception as err:  # tokenizers raises bare Exceptions for malformed files
         raise ValueError(f"cannot load the tokenizer in {str(path)!r}: {err!r}") from err
 
@@ -133,4 +135,5 @@ def _find_anchor(tokenizer: PreTrainedTokenizerBase) -> tuple[int, str] | None:
 
 
 def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # decode() is typed str | list[str] (a batch gives a list); one sequence of ids gives a str.
+    return cast(str, tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))

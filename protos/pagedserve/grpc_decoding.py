@@ -21,13 +21,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 __all__ = ["DecodeErrorInterceptor", "Undecodable", "guard_handler"]
 
 Behaviour = Callable[..., Any]
+# Generic in grpc's type stubs only, so named in strings (never subscripted at run time).
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 _HANDLER_FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
@@ -58,7 +61,7 @@ def tolerant_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[byte
     """`deserialize`, returning an Undecodable instead of raising."""
     message_class = getattr(deserialize, "__self__", None)      # FromString is bound to its class
     descriptor = getattr(message_class, "DESCRIPTOR", None)
-    type_name = getattr(descriptor, "full_name", None) or getattr(deserialize, "__qualname__", "request")
+    type_name = str(getattr(descriptor, "full_name", None) or getattr(deserialize, "__qualname__", "request"))
 
     def decode(data: bytes) -> Any:
         try:
@@ -78,7 +81,7 @@ class _Reject:
         self.method = method
         self.on_reject = on_reject
 
-    async def __call__(self, context: grpc.aio.ServicerContext, request: Undecodable,
+    async def __call__(self, context: _Context, request: Undecodable,
                        index: int | None = None) -> None:
         if self.on_reject is not None:
             self.on_reject(self.method)
@@ -88,7 +91,7 @@ class _Reject:
 def _guard_unary_request(behaviour: Behaviour, reject: _Reject) -> Behaviour:
     """A behaviour of the same kind that rejects an Undecodable request before calling `behaviour`."""
     if inspect.isasyncgenfunction(behaviour):
-        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def guarded_stream(request: Any, context: _Context) -> AsyncIterator[Any]:
             if isinstance(request, Undecodable):
                 await reject(context, request)
             # aclosing: a call that ends early closes the servicer's generator now (its finally
@@ -98,14 +101,14 @@ def _guard_unary_request(behaviour: Behaviour, reject: _Reject) -> Behaviour:
                     yield response
         return guarded_stream
 
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def guarded(request: Any, context: _Context) -> Any:
         if isinstance(request, Undecodable):
             await reject(context, request)
         return await behaviour(request, context)
     return guarded
 
 
-async def _checked_requests(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,
+async def _checked_requests(requests: AsyncIterator[Any], context: _Context,
                             reject: _Reject) -> AsyncIterator[Any]:
     """The request stream, aborting the call with INVALID_ARGUMENT at its first Undecodable message."""
     index = 0
@@ -120,24 +123,24 @@ def _guard_stream_request(behaviour: Behaviour, reject: _Reject) -> Behaviour:
     """A behaviour of the same kind that reads its requests through `_checked_requests`."""
     if inspect.isasyncgenfunction(behaviour):
         async def guarded_stream(requests: AsyncIterator[Any],
-                                 context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                                 context: _Context) -> AsyncIterator[Any]:
             checked = _checked_requests(requests, context, reject)
             async with aclosing(behaviour(checked, context)) as responses:
                 async for response in responses:
                     yield response
         return guarded_stream
 
-    async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+    async def guarded(requests: AsyncIterator[Any], context: _Context) -> Any:
         return await behaviour(_checked_requests(requests, context, reject), context)
     return guarded
 
 
-def _behaviour(handler: grpc.RpcMethodHandler) -> Behaviour:
+def _behaviour(handler: _Handler) -> Behaviour | None:
     return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
 
-def guard_handler(handler: grpc.RpcMethodHandler | None, method: str,
-                  on_reject: Callable[[str], None] | None = None) -> grpc.RpcMethodHandler | None:
+def guard_handler(handler: _Handler | None, method: str,
+                  on_reject: Callable[[str], None] | None = None) -> _Handler | None:
     """`handler` with undecodable requests answered INVALID_ARGUMENT; `on_reject(method)` counts them.
 
     A missing handler, one without a deserializer (it takes raw bytes) or a synchronous one is
@@ -168,7 +171,7 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
         self._on_reject = on_reject
         # method -> (the handler found, its guarded version): the servicers' handlers are the same
         # objects on every call, so each is wrapped once.
-        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
+        self._guarded: dict[str, tuple[_Handler, _Handler | None]] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
