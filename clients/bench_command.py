@@ -289,10 +289,12 @@ def benchmark(endpoint: Endpoint, specs: list[WorkloadSpec], label: str, *, warm
     for spec in specs:
         samples = dataset.samples(spec, info) if dataset is not None else None
         requests = build_load_requests(spec, info.vocab_size, info.max_model_len, samples)
-        before = scrape(endpoint.metrics_url) if endpoint.metrics_url else None
+        metrics_url = endpoint.metrics_url
+        before = scrape(metrics_url) if metrics_url else None
         records, duration = _run_once(endpoint, requests, spec, f"{label} rate {spec.request_rate:g}",
                                       progress, num_clients, api, info.model_name)
-        server = ServerStats.between(before, scrape(endpoint.metrics_url)) if before is not None else None
+        server = (ServerStats.between(before, scrape(metrics_url))
+                  if metrics_url and before is not None else None)
         runs.append(bench_report.run_entry(spec.request_rate, summarize(records, duration), server))
         if on_run is not None:
             on_run(runs[-1])

@@ -384,7 +384,8 @@ class PagedServeClient(_ClientBase):
 
     def _check_health(self, service: str, timeout: float | None = None) -> str:
         with _grpc_errors():
-            response = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service),  # type: ignore[attr-defined]
                                           **self._call_options(timeout))
         return _status_name(response)
 
@@ -508,7 +509,8 @@ class AsyncPagedServeClient(_ClientBase):
 
     async def _check_health(self, service: str, timeout: float | None = None) -> str:
         with _grpc_errors():
-            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service),
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service),  # type: ignore[attr-defined]
                                                 **self._call_options(timeout))
         return _status_name(response)
 

@@ -77,10 +77,10 @@ def _first_turns(record: Any) -> tuple[str, str] | None:
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list) or len(turns) < 2:
         return None
-    values = [turn.get("value") if isinstance(turn, dict) else None for turn in turns[:2]]
-    if not all(isinstance(v, str) for v in values):
+    prompt, reply = (turn.get("value") if isinstance(turn, dict) else None for turn in turns[:2])
+    if not (isinstance(prompt, str) and isinstance(reply, str)):
         return None
-    return values[0], values[1]
+    return prompt, reply
 
 
 def is_valid_pair(prompt_len: int, output_len: int, max_model_len: int) -> bool:

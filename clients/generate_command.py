@@ -48,7 +48,7 @@ Writer = Callable[[pb.GenerateResponse, list[int], CompletionBuilder], None]
 
 
 # --early-stopping values: HF transformers' early_stopping, spelled for a command line.
-_EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
+_EARLY_STOPPING: dict[str, bool | str] = {"true": True, "false": False, "never": "never"}
 
 
 def _early_stopping(text: str) -> bool | str:

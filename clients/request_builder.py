@@ -49,7 +49,9 @@ def _enum_number(name: str, value: object) -> object:
         return value
     if value not in values:
         choices = ", ".join(repr(v) for v in values)
-        enum = _SAMPLING_DESCRIPTOR.fields_by_name[name].enum_type.name
+        enum_type = _SAMPLING_DESCRIPTOR.fields_by_name[name].enum_type
+        assert enum_type is not None, name      # _ENUM_VALUES names enum fields only
+        enum = enum_type.name
         raise ValueError(f"must be one of {choices} (or a number of enum {enum}), got {value!r}")
     return values[value]
 

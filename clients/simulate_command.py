@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from clients.loadgen import progress_bar
 from clients.simulation import SimulatedRequest, SimulationReport, simulate
@@ -20,6 +22,9 @@ from clients.traces import TRACES, TraceRequest, fixed_trace, prompt_token_ids, 
 from pagedserve.errors import InvalidArgumentError
 from scheduler_svc.config import ReservationMode, SchedulerConfig
 from scheduler_svc.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 VOCAB_SIZE = 32000
 COLUMNS = [("reservation", "mode"), ("mean_batched_requests", "batched requests"),
@@ -84,14 +89,20 @@ def _modes(args: argparse.Namespace, config: SchedulerConfig) -> list[Reservatio
         raise InvalidArgumentError("modes", f"unknown mode in {args.modes!r}") from None
 
 
+def _show_finished(progress: tqdm[Any], _step: int, finished: int) -> None:
+    """Move the progress bar to `finished` requests (simulate's on_step)."""
+    progress.update(finished - progress.n)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the simulations and print one markdown table row per reservation mode; 1 if any request failed."""
     base = SchedulerConfig.from_sources(args)
+    max_model_len: int = args.model_len if base.max_model_len is None else base.max_model_len
     if base.max_model_len is None:
-        base = dataclasses.replace(base, max_model_len=args.model_len)
-    if not base.enable_chunked_prefill and base.max_num_batched_tokens < base.max_model_len:
-        base = dataclasses.replace(base, max_num_batched_tokens=base.max_model_len)
-    requests = build_requests(args, base.max_model_len)
+        base = dataclasses.replace(base, max_model_len=max_model_len)
+    if not base.enable_chunked_prefill and base.max_num_batched_tokens < max_model_len:
+        base = dataclasses.replace(base, max_num_batched_tokens=max_model_len)
+    requests = build_requests(args, max_model_len)
     num_gpu_blocks = args.kv_tokens // base.block_size
     num_cpu_blocks = args.cpu_kv_tokens // base.block_size
     print(f"{len(requests)} {args.trace} requests (n={args.n}, beam width={args.beam_width}), "
@@ -101,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     for mode in _modes(args, base):
         config = dataclasses.replace(base, reservation=mode)
         progress = progress_bar(f"simulate {mode.value}", len(requests))
-        report = simulate(config, requests, num_gpu_blocks, num_cpu_blocks, base.max_model_len,
-                          VOCAB_SIZE, on_step=lambda _, finished, p=progress: p.update(finished - p.n),
+        report = simulate(config, requests, num_gpu_blocks, num_cpu_blocks, max_model_len,
+                          VOCAB_SIZE, on_step=functools.partial(_show_finished, progress),
                           check_integrity=args.check)
         progress.set_postfix_str(f"{report.steps} steps", refresh=True)
         progress.close()

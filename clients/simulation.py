@@ -93,5 +93,5 @@ def simulate(config: SchedulerConfig, requests: Sequence[SimulatedRequest], num_
         wall_seconds=time.perf_counter() - start)
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else 0.0

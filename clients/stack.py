@@ -368,7 +368,8 @@ def _answers_serving(address: str | None, timeout: float) -> bool:
     with grpc.insecure_channel(address) as channel:
         try:
             stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)  # type: ignore[attr-defined]
         except grpc.RpcError:
             return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING

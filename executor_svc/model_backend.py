@@ -24,6 +24,7 @@ from executor_svc.cuda_graphs import DecodeGraphs, graphs_supported
 from executor_svc.distributed import join_group, stop_watchdog
 from executor_svc.kv_cache import CacheShape, KVCache
 from executor_svc.model_loader import dtype_from_name, eos_token_ids, load_model
+from executor_svc.models import architecture_of
 from executor_svc.roofline import DecodeRoofline, measure_copy_bandwidth
 from executor_svc.runner import ModelRunner, RunningStep
 from pagedserve.contract.plan import StepPlan, StepResult
@@ -82,7 +83,7 @@ class ModelBackend:
                                                 config.max_model_len or None, self.tp)
         self.model.eval()
         log.info("loaded %s (%s, %s weights) on %s as %s in %.1fs", config.model,
-                 self.hf_config.architectures[0], config.load_format, self.device,
+                 architecture_of(self.hf_config), config.load_format, self.device,
                  str(self.dtype).removeprefix("torch."), time.perf_counter() - start)
         log.info("attention: %s", ops.describe_attention(self.device))
         self.runner: ModelRunner | None = None
@@ -93,7 +94,7 @@ class ModelBackend:
         m = self.model
         name = self.config.served_model_name or Path(self.config.model).name
         return ModelDescription(model_name=name, model_path=str(self.model_dir.resolve()),
-                                architecture=self.hf_config.architectures[0],
+                                architecture=architecture_of(self.hf_config),
                                 dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                                 rank=self.config.rank, world_size=self.config.world_size,
                                 max_model_len=m.max_model_len, vocab_size=m.vocab_size,

@@ -6,7 +6,7 @@ layer's [out, in], and the query/key/value projection as one fused `c_attn` tens
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -126,7 +126,7 @@ class GPT2LMHeadModel(CausalLM):
         self.transformer = GPT2Model(config, tp)
         tie = bool(getattr(config, "tie_word_embeddings", True))
         self._attach_lm_head(config, config.hidden_size, self.transformer.wte,
-                             self.transformer.h[0].attn.c_attn, tie, tp)
+                             cast(GPT2Block, self.transformer.h[0]).attn.c_attn, tie, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:

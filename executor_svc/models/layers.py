@@ -230,6 +230,8 @@ class RotaryEmbedding(nn.Module):
     when applied, exactly as HF computes them, so float32 results agree to the last bit.
     """
 
+    cos_sin_cache: torch.Tensor     # a buffer (register_buffer), [max_position, rotary_dim]
+
     def __init__(self, head_size: int, rotary_dim: int, max_position: int, inv_freq: torch.Tensor) -> None:
         super().__init__()
         if rotary_dim % 2 or rotary_dim > head_size:

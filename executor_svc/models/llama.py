@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ class LlamaForCausalLM(CausalLM):
                                                    "max_position_embeddings")
         self.model = LlamaModel(config, self.max_model_len, tp)
         self._attach_lm_head(config, config.hidden_size, self.model.embed_tokens,
-                             self.model.layers[0].self_attn.qkv_proj,
+                             cast(LlamaDecoderLayer, self.model.layers[0]).self_attn.qkv_proj,
                              bool(getattr(config, "tie_word_embeddings", False)), tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -8,7 +8,7 @@ norm kept only for pre-LN checkpoints that do not set `_remove_final_layer_norm`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -161,7 +161,7 @@ class OPTForCausalLM(CausalLM):
         decoder = self.model.decoder
         tie = bool(getattr(config, "tie_word_embeddings", True))
         self._attach_lm_head(config, word_embed_dim(config), decoder.embed_tokens,
-                             decoder.layers[0].self_attn.qkv_proj, tie, tp)
+                             cast(OPTDecoderLayer, decoder.layers[0]).self_attn.qkv_proj, tie, tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 context: ForwardContext) -> torch.Tensor:
