@@ -108,7 +108,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         reader = loop.create_task(_read_plans(context, inbox), name="execute-reader")
         try:
             await self._on_worker(self._backend.reset_sequences)
-            emit = functools.partial(loop.call_soon_threadsafe, answers.put_nowait)
+            def emit(answer: _Answer | None) -> None:       # from the worker thread
+                loop.call_soon_threadsafe(answers.put_nowait, answer)
+
             pipeline = StepPipeline(self._launch_step, emit, self._watchdog, self._max_in_flight)
             worker = loop.run_in_executor(self._worker, _run_then_close, pipeline, inbox, emit)
             while (answer := await answers.get()) is not None:

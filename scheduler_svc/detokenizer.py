@@ -24,7 +24,7 @@ string is held back until it is known not to be one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -210,7 +210,7 @@ class IncrementalDetokenizer:
         if stream is None:
             return self._window_piece(self._decode(self._ids[self._prefix_offset:]))
         try:
-            chunk = stream.step(self._backend, token_id)
+            chunk: str | None = stream.step(self._backend, token_id)
         except Exception:  # tokenizers raises a bare Exception (its InvalidPrefix)
             # The decoder rewrote text already emitted; the window decoding emits past it regardless.
             self._stream = None
@@ -322,10 +322,12 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend_decode is not None:
-            return self._backend_decode(ids, skip_special_tokens=self._skip_special_tokens)
-        return self._tokenizer.decode(
+            text: str = self._backend_decode(ids, skip_special_tokens=self._skip_special_tokens)
+            return text
+        # decode() is typed str | list[str] (a batch gives a list); one sequence of ids gives a str.
+        return cast(str, self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        ))
 
 
 def backend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
