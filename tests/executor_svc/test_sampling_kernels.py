@@ -28,7 +28,8 @@ def halves(keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 def random_keys(rows: int, seed: int) -> np.ndarray:
     """Keys over the whole uint64 range, with the extremes included."""
     keys = np.random.default_rng(seed).integers(0, 2**64, size=rows, dtype=np.uint64)
-    keys[:3] = [0, 2**64 - 1, 2**32 - 1]
+    extremes = np.array([0, 2**64 - 1, 2**32 - 1], dtype=np.uint64)[:rows]
+    keys[:len(extremes)] = extremes
     return keys
 
 
