@@ -166,14 +166,14 @@ def test_a_forced_sampling_failure_ends_only_its_request(inprocess, monkeypatch,
 
     with inprocess.client() as client:
         alone = [client.generate(**greedy_request(p)).text for p in GREEDY_PROMPTS]
-    real = Sampler.__call__
+    real = Sampler.launch
 
     def sampler(self, logits, rows):
         if any(r.seed == VICTIM_SEED and r.token_index == fail_at for r in rows):
             raise RuntimeError("forced sampler failure")
         return real(self, logits, rows)
 
-    monkeypatch.setattr(Sampler, "__call__", sampler)
+    monkeypatch.setattr(Sampler, "launch", sampler)     # every sampling call, batch or alone, launches
     victim = dict(prompt="def main():", request_id="the-victim", max_tokens=MAX_TOKENS, temperature=0.8,
                   seed=VICTIM_SEED, ignore_eos=True)
     with health_watch(inprocess.client) as health:
