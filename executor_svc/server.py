@@ -16,7 +16,6 @@ import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from executor_svc.backend import ExecutorBackend, StepLauncher, launcher_of
 from executor_svc.config import ExecutorConfig
 from executor_svc.metrics import ExecutorMetrics
-from executor_svc.step_pipeline import STOP, PlanInbox, StepHandle, StepPipeline
+from executor_svc.step_pipeline import STOP, PlanInbox, StepHandle, StepPipeline, WorkerThread
 from executor_svc.step_watchdog import StepWatchdog
 from pagedserve.contract.plan import MalformedPlanError, StepPlan, StepResult
 from pagedserve.contract.plan_codec import error_result, plan_from_proto, result_to_proto
@@ -53,7 +52,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self._launch: StepLauncher = launcher_of(backend)
         self._max_in_flight = 2 if overlap_steps else 1
         self._metrics = metrics if metrics is not None else ExecutorMetrics()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="executor-step")
+        self._worker = WorkerThread("executor-step")
         self._stream_open = False
         self._watchdog = watchdog if watchdog is not None else StepWatchdog(_no_health)
         self._watchdog_task: asyncio.Task[None] | None = None

@@ -10,17 +10,20 @@ preparation, graph inputs) then overlaps the GPU instead of leaving it idle.
 The next plan is waited for only while the oldest step still computes. A scheduler that plans the
 next step only after it has this step's result (beam search, a drained queue) therefore gets the
 result as soon as it is ready, and the loop never waits for a plan that will not come first.
-Answers go out strictly in step order.
+Answers go out strictly in step order. The loop runs on the executor's `WorkerThread`, a daemon.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 # How long one wait for a plan lasts before the oldest step is asked again whether it is done.
 POLL_SECONDS = 0.0005
@@ -78,6 +81,38 @@ class PlanInbox(Generic[Answer]):
             return self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+
+
+class WorkerThread(concurrent.futures.Executor):
+    """One daemon thread that runs the calls submitted to it in order (an executor for run_in_executor).
+
+    The executor's backend calls all run on it. A daemon, unlike a pool thread, is not joined when the
+    interpreter exits: a step stuck in a device call, or a stream whose end never reached the worker,
+    must not keep a stopped executor process alive (its scheduler recovers the requests either way).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any],
+                                             tuple[Any, ...]]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[Any]:
+        """Queue `fn(*args, **kwargs)`; its future resolves when the thread has run it."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._calls.put((future, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:        # handed to the awaiting coroutine, as a pool would
+                future.set_exception(err)
 
 
 @dataclass(slots=True)

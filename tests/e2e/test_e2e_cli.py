@@ -60,5 +60,6 @@ def test_serve_streams_a_demo_completion_and_stops_on_sigint():
         assert "def fibonacci(n):" in "".join(lines)
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-    assert code == 0, proc.stderr.read()[-3000:]
+        # communicate, not wait: stderr must be drained while the stack shuts down (a full pipe blocks it).
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]

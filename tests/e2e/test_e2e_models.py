@@ -31,16 +31,18 @@ def demo_completion(*flags: str, env: dict[str, str]) -> str:
                              "-1", "--demo-prompt", PROMPT, "--demo-max-tokens", "12", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    lines: list[str] = []
     try:
-        lines: list[str] = []
         while (line := proc.stdout.readline()) and not (line.startswith("---") and lines):
             if lines or line.startswith("--- completion of"):
                 lines.append(line)
-        assert lines, proc.stderr.read()[-3000:]
-        return "".join(lines[1:])           # the prompt and its completion, after the header line
     finally:
         proc.send_signal(2)
-        proc.wait(timeout=60)
+        # communicate, not wait: the logs still coming on stderr must be drained, or a full pipe blocks
+        # the stack's shutdown and the wait times out.
+        _, stderr = proc.communicate(timeout=60)
+    assert lines, stderr[-3000:]
+    return "".join(lines[1:])               # the prompt and its completion, after the header line
 
 
 def test_serve_streams_from_a_repo_id_in_the_hub_cache_as_from_the_directory(tmp_path):

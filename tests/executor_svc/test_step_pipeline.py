@@ -4,12 +4,18 @@ and the watchdog's clock on the oldest step in flight."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from executor_svc.step_pipeline import STOP, PlanInbox, StepPipeline
+from executor_svc.step_pipeline import STOP, PlanInbox, StepPipeline, WorkerThread
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class ScriptedStep:
@@ -136,3 +142,30 @@ def test_stop_answers_every_step_in_flight_first() -> None:
 def test_max_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
         StepPipeline(lambda plan: None, lambda answer: None, Clock(), 0)   # type: ignore[arg-type, return-value]
+
+
+def test_a_worker_waiting_for_a_plan_does_not_keep_the_process_alive() -> None:
+    """A stream whose end never reached the worker must not hang the process's exit, as it would on a
+    pool thread (the interpreter joins those)."""
+    code = (
+        "from executor_svc.step_pipeline import PlanInbox, StepPipeline, WorkerThread\n"
+        "class Clock:\n"
+        "    def step_started(self, at=None): pass\n"
+        "    def step_ended(self): pass\n"
+        "pipeline = StepPipeline(lambda plan: None, print, Clock())\n"
+        "WorkerThread('w').submit(pipeline.run, PlanInbox())\n"
+        "print('main done')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"})
+    assert done.returncode == 0 and "main done" in done.stdout, done.stderr
+
+
+def test_the_worker_thread_runs_calls_in_order_and_hands_back_results_and_errors() -> None:
+    worker = WorkerThread("w")
+    order: list[int] = []
+    futures = [worker.submit(order.append, i) for i in range(5)]
+    assert [f.result(5) for f in futures] == [None] * 5 and order == [0, 1, 2, 3, 4]
+    assert worker.submit(lambda a, b=0: a + b, 2, b=3).result(5) == 5
+    failing = worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(5)
