@@ -15,15 +15,6 @@ from tests.hub_cache import cache_model
 MODEL = Path(default_model_dir())
 
 
-@pytest.fixture
-def hf_home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 def test_a_repo_id_loads_the_weights_of_its_cached_snapshot(hf_home):
     snapshot = cache_model(hf_home, "pagedserve/stdlib-llama", MODEL, refs=("v1",))
     backend = ModelBackend(ExecutorConfig(model="pagedserve/stdlib-llama", revision="v1", device="cpu"))

@@ -13,16 +13,6 @@ from tests.hub_cache import COMMIT, cache_model
 MODEL = Path(default_model_dir())
 
 
-@pytest.fixture
-def hf_home(tmp_path, monkeypatch) -> Path:
-    """An empty hub cache under a temp HF_HOME, offline: no test may reach for the network."""
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 def test_a_local_directory_is_used_as_given(hf_home):
     assert resolve_model(str(MODEL)) == MODEL
 

@@ -14,27 +14,15 @@ from tokenizer_fixtures import (
     BYTE_LEVEL_EOS,
     METASPACE_EOS,
     SAMPLE_TEXTS,
-    build_byte_level,
-    build_metaspace,
 )
 
 from scheduler_svc.detokenizer import CONTEXT_TOKENS, DetokenizerUpdate, IncrementalDetokenizer, decode_whole
-from scheduler_svc.tokenizer import encode_prompt, load_tokenizer
+from scheduler_svc.tokenizer import encode_prompt
 
 FFFD = "\ufffd"
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture(scope="module")
-def byte_level(tmp_path_factory):
-    return load_tokenizer(build_byte_level(tmp_path_factory.mktemp("byte_level")))
-
-
-@pytest.fixture(scope="module")
-def metaspace(tmp_path_factory):
-    return load_tokenizer(build_metaspace(tmp_path_factory.mktemp("metaspace")))
 
 
 @pytest.fixture(scope="module", params=["byte_level", "metaspace"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizer_fixtures import SAMPLE_TEXTS, build_byte_level, build_metaspace
+from tokenizer_fixtures import SAMPLE_TEXTS
 
 from pagedserve.default_model import default_model_dir
 from scheduler_svc.detokenizer import CONTEXT_TOKENS, DetokenizerUpdate, IncrementalDetokenizer
@@ -21,16 +21,6 @@ FFFD = "\ufffd"
 COMPARE_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture(scope="module")
-def byte_level(tmp_path_factory):
-    return load_tokenizer(build_byte_level(tmp_path_factory.mktemp("byte_level")))
-
-
-@pytest.fixture(scope="module")
-def metaspace(tmp_path_factory):
-    return load_tokenizer(build_metaspace(tmp_path_factory.mktemp("metaspace")))
 
 
 @pytest.fixture(scope="module")

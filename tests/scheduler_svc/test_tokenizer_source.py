@@ -16,15 +16,6 @@ MODEL = Path(default_model_dir())
 PROMPT = "def fibonacci(n):"
 
 
-@pytest.fixture
-def hf_home(tmp_path, monkeypatch) -> Path:
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 def test_a_model_repo_id_gives_the_tokenizer_of_its_cached_snapshot(hf_home):
     cache_model(hf_home, "pagedserve/stdlib-llama", MODEL)
     local = _tokenizer(ServingConfig(model=str(MODEL)))
